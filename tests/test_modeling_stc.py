@@ -1,0 +1,407 @@
+"""STCForSequenceClassification on tiny random backbones of six architectures, plus the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHITECTURES, STCModelTester, make_tiny_tokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, pipeline
+
+from stc_transformers import STCConfig, STCForSequenceClassification
+from stc_transformers.modeling_stc import feature_groups, group_size
+from stc_transformers.tokenization import prepare_tokenizer
+
+
+def zero_layer_weights(model, layer):
+    """Zero the head columns of one layer so sparsify can drop it."""
+    start = 0
+    with torch.no_grad():
+        for group in feature_groups(model.config, model.source_dims):
+            size = group_size(group)
+            if group["layer"] == layer:
+                model.head.classifier.weight[:, start : start + size] = 0
+            start += size
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+class TestEveryArchitecture:
+    def test_forward_shapes_and_feature_count(self, tester, arch):
+        model = tester.model(arch, num_labels=4)
+        out = model(**tester.inputs())
+        assert out.logits.shape == (3, 4)
+        assert out.loss is None
+        dims = model.source_dims
+        expected = len(model.config.poolings) * tester.num_layers * (dims["hidden"] + dims["mlp"])
+        assert model.selector.num_features == expected
+        assert dims["hidden"] == tester.hidden
+        assert dims["mlp"] == (4 * tester.hidden if arch == "gpt2" else tester.intermediate)
+
+    @pytest.mark.parametrize(
+        "problem_type,num_labels,labels",
+        [
+            ("single_label_classification", 3, torch.tensor([0, 2, 1])),
+            ("multi_label_classification", 3, torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0]])),
+            ("regression", 1, torch.tensor([0.5, -1.0, 2.0])),
+        ],
+    )
+    def test_loss_for_each_problem_type(self, tester, arch, problem_type, num_labels, labels):
+        model = tester.model(arch, num_labels=num_labels, problem_type=problem_type)
+        out = model(**tester.inputs(), labels=labels)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        tuple_out = model(**tester.inputs(), labels=labels, return_dict=False)
+        assert isinstance(tuple_out, tuple)
+        torch.testing.assert_close(tuple_out[0], out.loss)
+        torch.testing.assert_close(tuple_out[1], out.logits)
+
+    def test_save_load_and_auto_round_trip(self, tester, arch, tmp_path):
+        model = tester.model(arch, num_labels=3)
+        inputs = tester.inputs()
+        expected = model(**inputs).logits
+        model.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors").exists()
+        assert not list(tmp_path.glob("*.bin"))
+        assert isinstance(AutoConfig.from_pretrained(tmp_path), STCConfig)
+        for loader in (STCForSequenceClassification, AutoModelForSequenceClassification):
+            loaded = loader.from_pretrained(tmp_path).eval()
+            assert isinstance(loaded, STCForSequenceClassification)
+            torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
+
+    def test_sparsify_early_exit_gives_same_logits(self, tester, arch, tmp_path):
+        model = tester.model(arch, num_labels=2)
+        zero_layer_weights(model, tester.num_layers - 1)
+        inputs = tester.inputs()
+        dense = model(**inputs).logits
+        model.sparsify(eta=1.0, truncate=False)
+        assert model.config.exit_layer == tester.num_layers - 2
+        untruncated = model(**inputs).logits
+        torch.testing.assert_close(untruncated, dense)
+        model.truncate_backbone()
+        assert len(model.layer_map.layers) == tester.num_layers - 1
+        assert model.config.text_config.num_hidden_layers == tester.num_layers - 1
+        torch.testing.assert_close(model(**inputs).logits, untruncated, rtol=0, atol=0)
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+        assert len(loaded.layer_map.layers) == tester.num_layers - 1
+        torch.testing.assert_close(loaded(**inputs).logits, untruncated, rtol=0, atol=0)
+
+    def test_gradients_equal_with_activation_checkpointing(self, tester, arch):
+        model = tester.model(arch, num_labels=2)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.train()
+        inputs, labels = tester.inputs(), torch.tensor([0, 1, 1])
+
+        def gradients():
+            model.zero_grad()
+            model(**inputs, labels=labels).loss.backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        plain = gradients()
+        model.activation_checkpointing_enable()
+        assert all(layer.gradient_checkpointing for layer in model.layer_map.layers)
+        checkpointed = gradients()
+        assert plain.keys() == checkpointed.keys()
+        assert any(name.startswith("backbone.") for name in plain)
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_reentrant_checkpointing_fails_loudly(tester):
+    model = tester.model("llama", num_labels=2).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(**tester.inputs(), labels=torch.tensor([0, 1, 1])).loss.backward()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_decoder_batches_match_single_texts(tester, arch, padding_side):
+    """Last-token and mean pooling are right for left and right padding: a padded batch equals one-by-one runs."""
+    model = tester.model(arch, num_labels=2, poolings=["last", "mean", "max", "first"])
+    tokenizer = make_tiny_tokenizer(pad=False, padding_side=padding_side)
+    prepare_tokenizer(tokenizer, model)
+    assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
+    texts = ["w1 w2 w3 w4 w5", "w6 w7", "w8"]
+    batch = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    single = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+    torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_with_labels_top_k_and_multi_label(tester, tmp_path):
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    model = tester.model("llama", num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    tokenizer = prepare_tokenizer(make_tiny_tokenizer(pad=False), model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        classifier = pipeline("text-classification", model=str(tmp_path))
+        top = classifier(["w1 w2 w3", "w4"])
+        every = classifier(["w1 w2 w3"], top_k=None)
+    assert top[0]["label"] in labels.values()
+    assert [d["label"] for d in every[0]] and sorted(d["label"] for d in every[0]) == sorted(labels.values())
+    assert abs(sum(d["score"] for d in every[0]) - 1) < 1e-5
+    # the pipeline agrees with the model's own forward
+    logits = model(**tokenizer(["w1 w2 w3"], return_tensors="pt")).logits[0]
+    assert every[0][0]["label"] == labels[int(logits.argmax())]
+
+    multi = tester.model("bert", num_labels=3, problem_type="multi_label_classification", id2label=labels,
+                         label2id={v: k for k, v in labels.items()})
+    classifier = pipeline("text-classification", model=multi, tokenizer=make_tiny_tokenizer())
+    scores = classifier("w5 w6", top_k=None)
+    probs = torch.sigmoid(multi(**make_tiny_tokenizer()(["w5 w6"], return_tensors="pt")).logits[0])
+    by_label = {d["label"]: d["score"] for d in scores}
+    for i, name in labels.items():
+        assert by_label[name] == pytest.approx(float(probs[i]), abs=1e-5)
+
+
+def test_from_backbone_pretrained_keeps_weights_bit_identical(tester, tmp_path):
+    torch.manual_seed(0)
+    backbone = AutoModel.from_config(tester.backbone_config("llama"))
+    backbone.save_pretrained(tmp_path / "backbone")
+    model = STCForSequenceClassification.from_backbone_pretrained(tmp_path / "backbone", num_labels=2)
+    reference = backbone.state_dict()
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert model.config.text_config._attn_implementation == backbone.config._attn_implementation
+
+
+def test_causal_attention_survives_round_trip(tester, tmp_path):
+    """Causality is preserved: a decoder's feature for a prefix does not depend on later tokens."""
+    torch.manual_seed(0)
+    AutoModel.from_config(tester.backbone_config("llama")).save_pretrained(tmp_path / "backbone")
+    model = STCForSequenceClassification.from_backbone_pretrained(tmp_path / "backbone", num_labels=2, poolings=["first"])
+    model.save_pretrained(tmp_path / "stc")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "stc").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    other = torch.tensor([[5, 9, 10, 11]])
+    for m in (model.eval(), loaded):
+        torch.testing.assert_close(m.pooled_features(ids), m.pooled_features(other))
+        torch.testing.assert_close(m(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_bfloat16_backbone_keeps_float32_head(tester, tmp_path):
+    torch.manual_seed(0)
+    AutoModel.from_config(tester.backbone_config("qwen2")).save_pretrained(tmp_path / "backbone")
+    model = STCForSequenceClassification.from_backbone_pretrained(
+        tmp_path / "backbone", num_labels=2, dtype=torch.bfloat16
+    )
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+    assert model.head.classifier.weight.dtype == torch.float32
+    out = model(**tester.inputs(), labels=torch.tensor([0, 1, 0]))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path / "stc")
+    loaded = STCForSequenceClassification.from_pretrained(tmp_path / "stc", dtype=torch.bfloat16)
+    assert loaded.head.classifier.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.eval()(**tester.inputs()).logits, model.eval()(**tester.inputs()).logits)
+
+
+def test_l1_strength_adds_penalty_only_in_training(tester):
+    model = tester.model("bert", num_labels=2, l1_strength=0.01)
+    labels = torch.tensor([0, 1, 1])
+    eval_loss = model.eval()(**tester.inputs(), labels=labels).loss
+    train_model = model.train()
+    for module in train_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    train_loss = train_model(**tester.inputs(), labels=labels).loss
+    penalty = 0.01 * model.head.classifier.weight.abs().sum()
+    torch.testing.assert_close(train_loss, eval_loss + penalty)
+
+
+def test_sparsify_keeps_smallest_set_reaching_eta(tester):
+    model = tester.model("bert", num_labels=2, sources=["hidden"], poolings=["mean"])
+    with torch.no_grad():
+        model.head.classifier.weight.zero_()
+        # layer 0: importances 9, 4, 1 (+ zeros); eta 0.7 of 14 = 9.8 needs 9 then 4 -> neurons 3 and 5
+        model.head.classifier.weight[0, 3] = 3.0
+        model.head.classifier.weight[1, 5] = 2.0
+        model.head.classifier.weight[0, 7] = 1.0
+    model.sparsify(eta=0.7)
+    assert model.config.selection == [{"source": "hidden", "pooling": "mean", "layer": 0, "neurons": [3, 5]}]
+    assert model.config.exit_layer == 0 and len(model.layer_map.layers) == 1
+    assert model.head.classifier.weight.shape == (2, 2)
+
+
+def test_remote_code_loads_without_the_package(tester, tmp_path):
+    model = tester.model("gpt2", num_labels=2)
+    zero_layer_weights(model, 2)
+    model.sparsify(0.9)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_stc.STCForSequenceClassification"
+    for name in ("modeling_stc.py", "configuration_stc.py", "features_stc.py"):
+        assert (tmp_path / name).exists()
+    inputs = tester.inputs()
+    np.save(tmp_path / "ids.npy", inputs["input_ids"].numpy())
+    np.save(tmp_path / "mask.npy", inputs["attention_mask"].numpy())
+    expected = model(**inputs).logits
+    script = f"""
+import sys, numpy as np, torch
+sys.modules["stc_transformers"] = None  # the package cannot be imported
+from transformers import AutoModelForSequenceClassification
+path = {str(tmp_path)!r}
+model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids, mask = torch.from_numpy(np.load(path + "/ids.npy")), torch.from_numpy(np.load(path + "/mask.npy"))
+np.save(path + "/remote.npy", model(input_ids=ids, attention_mask=mask).logits.detach().numpy())
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "remote.npy")), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_pooling_or_source_names(tester):
+    with pytest.raises(ValueError, match="Unknown pooling.*choose"):
+        tester.stc_config("bert", poolings=["median"])
+    with pytest.raises(ValueError, match="Unknown source.*choose"):
+        tester.stc_config("bert", sources=["attention"])
+
+
+def test_moe_backbone_mlp_cannot_be_located():
+    from transformers import Qwen2MoeConfig
+
+    moe = Qwen2MoeConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=37, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="mixture-of-experts.*sources=\\['hidden'\\]"):
+        STCForSequenceClassification(STCConfig(text_config=moe.to_dict()))
+    hidden_only = STCForSequenceClassification(STCConfig(text_config=moe.to_dict(), sources=["hidden"])).eval()
+    assert hidden_only(**STCModelTester.inputs()).logits.shape == (3, 2)
+
+
+def test_label_ids_out_of_range(tester):
+    model = tester.model("bert", num_labels=3)
+    with pytest.raises(ValueError, match=r"Label ids must be in \[0, 2\]"):
+        model(**tester.inputs(), labels=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match=r"Label ids must be in \[0, 2\]"):
+        model(**tester.inputs(), labels=torch.tensor([0, -1, 1]))
+
+
+def test_multi_label_target_shape(tester):
+    model = tester.model("bert", num_labels=3, problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match="one 0/1 column per label"):
+        model(**tester.inputs(), labels=torch.tensor([[1.0, 0.0]] * 3))
+
+
+def test_num_labels_mismatch_with_id2label(tester):
+    with pytest.raises(ValueError, match="does not match `id2label`"):
+        tester.stc_config("bert", num_labels=3, id2label={0: "a", 1: "b"})
+
+
+def test_empty_batch(tester):
+    model = tester.model("bert")
+    with pytest.raises(ValueError, match="Empty batch"):
+        model(input_ids=torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="Empty batch"):
+        model(input_ids=torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_checkpoint_of_wrong_type(tester, tmp_path):
+    AutoModel.from_config(tester.backbone_config("llama")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'llama' checkpoint, not an STC one.*from_backbone_pretrained"):
+        STCForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_unexpected_forward_argument(tester):
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        tester.model("bert")(**tester.inputs(), pixel_values=torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_dataset(n=24, seed=0):
+    from datasets import Dataset
+
+    tokenizer = make_tiny_tokenizer()
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(0, 2))
+        words = rng.integers(3 + 40 * label, 43 + 40 * label, size=int(rng.integers(2, 8)))
+        texts.append(" ".join(f"w{w - 3}" for w in words))
+        labels.append(label)
+    data = Dataset.from_dict({"text": texts, "label": labels})
+    return data.map(lambda b: tokenizer(b["text"], truncation=True), batched=True), tokenizer
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_trainer_trains_saves_best_and_resumes(tester, tmp_path, frozen):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    data, tokenizer = _tiny_dataset()
+    model = tester.model("bert", num_labels=2).train()
+    model.freeze_backbone(frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="loss",
+        report_to=[], use_cpu=True, seed=0, logging_steps=1, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+    result = trainer.train()
+    assert result.global_step == 6
+    assert not torch.equal(before["head.classifier.weight"], model.head.classifier.weight)
+    backbone_changed = not torch.equal(before["backbone.embeddings.word_embeddings.weight"],
+                                       model.backbone.embeddings.word_embeddings.weight)
+    assert backbone_changed is (not frozen)
+    assert isinstance(trainer.model, STCForSequenceClassification)
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists()
+    # resume from the epoch-1 checkpoint to the end
+    resumed = Trainer(model=tester.model("bert", num_labels=2).freeze_backbone(frozen), args=args,
+                      train_dataset=data, eval_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    assert resumed.train(resume_from_checkpoint=str(checkpoint)).global_step == 6
+    eval_metrics = resumed.evaluate()
+    assert np.isfinite(eval_metrics["eval_loss"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real MiniLM encoder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_real_minilm_wraps_and_round_trips(minilm_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = STCForSequenceClassification.from_backbone_pretrained(minilm_path, num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    assert model.config.text_config.model_type == "bert"
+    assert model.source_dims == {"hidden": 384, "mlp": 1536}
+    reference = AutoModel.from_pretrained(minilm_path).eval()
+    texts = ["A warm, funny and moving film.", "Dull."]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    # the hidden/mean group of the last layer equals mean pooling of the reference model's last hidden state
+    features = model.pooled_features(**batch)
+    groups = feature_groups(model.config, model.source_dims)
+    start = 0
+    for group in groups:
+        if (group["source"], group["pooling"], group["layer"]) == ("hidden", "mean", 5):
+            break
+        start += group_size(group)
+    with torch.no_grad():
+        hidden = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(features[:, start : start + 384], (hidden * mask).sum(1) / mask.sum(1), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
