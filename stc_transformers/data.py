@@ -277,8 +277,9 @@ BUILTIN_DATASETS = {
 }
 
 
-def _file_builder(files) -> str:
-    suffixes = {Path(f).suffix.lower() for f in ([files] if isinstance(files, (str, os.PathLike)) else files)}
+def _file_builder(paths: list[str]) -> str:
+    """The ``datasets`` builder ("csv", "json", "parquet") for a list of local files."""
+    suffixes = {Path(p).suffix.lower() for p in paths}
     builders = {_FILE_BUILDERS.get(s) for s in suffixes}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"Cannot load files with suffixes {sorted(suffixes)}; use one of {sorted(_FILE_BUILDERS)}")
@@ -329,17 +330,12 @@ def load_text_dataset(source, text_column: str = "text", label_column: str | Non
     """
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         data = BUILTIN_DATASETS[source](**kwargs)
-    elif isinstance(source, dict):
-        files = {k: str(v) for k, v in source.items()}
-        builder = _file_builder(files.values())
-        if any(str(f).lower().endswith(".tsv") for f in files.values()):
+    elif isinstance(source, dict) or Path(source).is_file():
+        files = {k: str(v) for k, v in source.items()} if isinstance(source, dict) else str(source)
+        paths = list(files.values()) if isinstance(files, dict) else [files]
+        if any(p.lower().endswith(".tsv") for p in paths):
             kwargs.setdefault("delimiter", "\t")
-        data = datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
-    elif Path(source).is_file():
-        builder = _file_builder(source)
-        if str(source).lower().endswith(".tsv"):
-            kwargs.setdefault("delimiter", "\t")
-        data = datasets.load_dataset(builder, data_files=str(source), split=split, **kwargs)
+        data = datasets.load_dataset(_file_builder(paths), data_files=files, split=split, **kwargs)
     elif Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
         data = datasets.load_from_disk(str(source))
     else:  # a Hub dataset id (or a local folder of data files)

@@ -409,8 +409,21 @@ class STCForSequenceClassification(STCPreTrainedModel):
         self._build_head_input()
         return self
 
-    def num_parameters_in_use(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def feature_names(self) -> list[tuple[str, str, int, int]]:
+        """(source, pooling, layer, neuron) of every head input, in order."""
+        names = []
+        for group in feature_groups(self.config, self.source_dims):
+            neurons = range(group_size(group)) if group["neurons"] is None else group["neurons"]
+            names.extend((group["source"], group["pooling"], group["layer"], int(n)) for n in neurons)
+        return names
+
+    def feature_contributions(self, input_ids=None, attention_mask=None, **backbone_inputs) -> torch.Tensor:
+        """Per-feature contributions [batch, num_labels, num_features]: head weight x standardised activation.
+
+        Summed over features and added to the head bias, they give the logits exactly.
+        """
+        features = self.head.standardized(self.pooled_features(input_ids, attention_mask, **backbone_inputs))
+        return features.unsqueeze(1) * self.head.classifier.weight.unsqueeze(0)
 
 
 def _smallest_set_reaching(importance: torch.Tensor, eta: float) -> torch.Tensor:

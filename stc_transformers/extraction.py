@@ -1,0 +1,218 @@
+"""Streaming feature extraction: one pass of the backbone, pooled features written to a memory-mapped cache.
+
+The pass calls the model's own `pooled_features` on a dense (unfitted) STC model, so training and inference
+features come from the same capture and pooling code. For every (source, pooling) the cache holds one float32
+array `[num_layers, num_texts, dim]` on disk (`<source>_<pooling>.npy`, opened with `numpy.load(mmap_mode=...)`),
+so peak memory does not grow with the dataset. Texts run longest first in length-sorted batches; progress is
+committed atomically every few batches, so an interrupted pass resumes where it stopped and never leaves a cache
+that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .modeling_stc import feature_groups, group_size
+
+
+CACHE_VERSION = 1
+
+
+def check_texts(texts) -> list[str]:
+    """Texts must be non-empty strings; say which one is not."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts given: pass at least one example.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Text {i} is a {type(text).__name__}, not a string: {text!r:.80}. Clean the text column.")
+        if not text.strip():
+            raise ValueError(f"Text {i} is empty or only whitespace. Drop empty rows before fitting or predicting.")
+    return texts
+
+
+def model_fingerprint(model) -> str:
+    """Cheap identity of a backbone: its config and a sample of every parameter (catches fine-tuned weights)."""
+    digest = hashlib.sha256(model.config.text_config.to_json_string(use_diff=False).encode())
+    for name, param in model.backbone.named_parameters():
+        sample = param.detach().reshape(-1)[:256].float().cpu().numpy()
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """A finished (or resumable) on-disk cache of pooled features for one list of texts."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def num_texts(self) -> int:
+        return self.meta["num_texts"]
+
+    @property
+    def blocks(self) -> list[tuple[str, str]]:
+        return [(b["source"], b["pooling"]) for b in self.meta["blocks"]]
+
+    @property
+    def complete(self) -> bool:
+        return self.meta["batches_done"] == self.meta["num_batches"]
+
+    def array(self, source: str, pooling: str, mode: str = "r") -> np.ndarray:
+        """Memory-mapped `[num_layers, num_texts, dim]` float32 array of one (source, pooling) block."""
+        return np.load(self.path / f"{source}_{pooling}.npy", mmap_mode=mode)
+
+    def tensor(self, source: str, pooling: str) -> torch.Tensor:
+        """Zero-copy torch view of a block (read-only memory map)."""
+        return torch.from_numpy(np.asarray(self.array(source, pooling, mode="c")))
+
+    def save_meta(self):
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=1))
+        os.replace(tmp, self.path / "meta.json")
+
+
+def _open_cache(path: Path, meta: dict) -> FeatureCache:
+    """Open an existing cache with the same fingerprint, or create empty arrays for a new one."""
+    meta_file = path / "meta.json"
+    if meta_file.exists():
+        stored = json.loads(meta_file.read_text())
+        if stored.get("fingerprint") == meta["fingerprint"] and stored.get("version") == CACHE_VERSION:
+            return FeatureCache(path, stored)
+    path.mkdir(parents=True, exist_ok=True)
+    for block in meta["blocks"]:
+        shape = (block["num_layers"], meta["num_texts"], block["dim"])
+        array = np.lib.format.open_memmap(path / f"{block['source']}_{block['pooling']}.npy", "w+", np.float32, shape)
+        del array
+    cache = FeatureCache(path, meta)
+    cache.save_meta()
+    return cache
+
+
+def extract_features(
+    model,
+    tokenizer,
+    texts,
+    cache_dir,
+    *,
+    max_length: int | None = 256,
+    batch_size: int = 32,
+    commit_every: int = 8,
+    progress: bool = True,
+    description: str = "Extracting features",
+) -> FeatureCache:
+    """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
+
+    `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model, tokenizer
+    settings, texts) is reused; an unfinished one resumes at the first uncommitted batch.
+    """
+    if model.config.selection is not None:
+        raise ValueError(
+            "This model already has a neuron selection (it was fitted or sparsified); feature extraction needs the "
+            "dense model. Start from `STCForSequenceClassification.from_backbone_pretrained(...)`."
+        )
+    texts = check_texts(texts)
+    groups = feature_groups(model.config, model.source_dims)
+    num_layers = model.config.text_config.num_hidden_layers
+    blocks = [
+        {"source": s, "pooling": p, "num_layers": num_layers, "dim": model.source_dims[s]}
+        for s in model.config.sources
+        for p in model.config.poolings
+    ]
+    encodings = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
+    if (lengths == 0).any():
+        raise ValueError(f"Text {int(np.argmin(lengths))} tokenizes to nothing; drop it or fix the tokenizer.")
+    order = np.argsort(-lengths, kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    key = {
+        "version": CACHE_VERSION,
+        "model": model_fingerprint(model),
+        "texts": texts_fingerprint(texts),
+        "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.padding_side, max_length],
+        "blocks": blocks,
+        "batch_size": batch_size,
+        "chunks": [model.config.long_input_chunks, model.config.chunk_overlap],
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    meta = {
+        "version": CACHE_VERSION,
+        "fingerprint": fingerprint,
+        "num_texts": len(texts),
+        "blocks": blocks,
+        "num_batches": len(batches),
+        "batches_done": 0,
+        "seconds": 0.0,
+        "tokens": int(lengths.sum()),
+    }
+    cache = _open_cache(Path(cache_dir) / fingerprint[:20], meta)
+    if cache.complete:
+        return cache
+
+    arrays = {(b["source"], b["pooling"]): cache.array(b["source"], b["pooling"], mode="r+") for b in blocks}
+    offsets, start = {}, 0
+    for group in groups:
+        key = (group["source"], group["pooling"])
+        offsets.setdefault(key, start)
+        start += group_size(group)
+    columns = [k for k in encodings.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    was_training = model.training
+    model.eval()
+    device = model.device
+    started = time.perf_counter()
+    bar = tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description, disable=not progress,
+               unit="batch")
+    try:
+        for number in range(cache.meta["batches_done"], len(batches)):
+            index = batches[number]
+            features = [{c: encodings[c][i] for c in columns} for i in index]
+            batch = tokenizer.pad(features, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                pooled = model.pooled_features(**batch).float().cpu().numpy()
+            if not np.isfinite(pooled).all():
+                raise ValueError(
+                    "The backbone produced NaN/inf activations (typically float16 overflow). Load the backbone in "
+                    "float32 or bfloat16 (`dtype=torch.bfloat16`)."
+                )
+            for (source, pooling), array in arrays.items():
+                dim = model.source_dims[source]
+                block = pooled[:, offsets[(source, pooling)] : offsets[(source, pooling)] + num_layers * dim]
+                array[:, index] = block.reshape(len(index), num_layers, dim).transpose(1, 0, 2)
+            bar.update(1)
+            if (number + 1) % commit_every == 0 or number + 1 == len(batches):
+                _commit(cache, arrays, number + 1, time.perf_counter() - started)
+                started = time.perf_counter()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return cache
+
+
+def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
+    """Flush the arrays to disk, then record progress: a crash before this point redoes the batches."""
+    for array in arrays.values():
+        array.flush()
+    cache.meta["batches_done"] = batches_done
+    cache.meta["seconds"] += seconds
+    cache.save_meta()

@@ -1,0 +1,354 @@
+"""Neuron selection on cached features: per-layer L1 probes, eta selection, cross-layer integration.
+
+Everything here works on a `FeatureCache` (memory-mapped, `[layers, texts, dim]` per source/pooling block) and
+the batched probes of `probes.py`. The search runs on a bounded sample of the training rows, so its memory and
+time do not grow with the dataset; the chosen candidate is then refitted on every training row, streamed from
+disk in row chunks.
+
+Search, for each problem type:
+1. per block and layer, L1 probes over a data-adaptive strength grid (ratios of each layer's `lambda_max`,
+   extended while the best strength sits at the weak edge); a layer's score is its best validation score;
+2. per family of blocks (all blocks, each source, each pooling) and eta: keep per layer the smallest neuron set
+   reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all layers' kept neurons;
+3. for the best (family, eta): fit every layer prefix 0..k and every single layer k, pick the best, preferring
+   earlier exits within `early_exit_tolerance`;
+4. refit the winner on all training rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .extraction import FeatureCache
+from .probes import fit_linear_probes, lambda_max, predict_probes, score_predictions, select_by_importance
+
+
+METRIC_NAMES = {
+    "single_label_classification": "accuracy",
+    "multi_label_classification": "micro_f1",
+    "regression": "r2",
+}
+
+
+@dataclass
+class SearchSettings:
+    etas: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    strength_ratios: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003)
+    final_strengths: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    search_samples: int = 4000
+    max_iter: int = 200
+    early_exit_tolerance: float = 0.002
+    chunk_rows: int = 4096
+    device: str | torch.device = "cpu"
+    seed: int = 42
+    progress: bool = True
+
+
+@dataclass
+class Candidate:
+    """One integration candidate and its validation score."""
+
+    blocks: tuple[tuple[str, str], ...]
+    eta: float
+    layers: tuple[int, ...]
+    strength: float
+    score: float
+    num_features: int
+
+    def as_dict(self) -> dict:
+        return {
+            "sources": sorted({s for s, _ in self.blocks}),
+            "poolings": sorted({p for _, p in self.blocks}),
+            "eta": self.eta,
+            "exit_layer": max(self.layers),
+            "layers": "single" if len(self.layers) == 1 and self.layers[0] > 0 else "prefix",
+            "strength": self.strength,
+            "validation_score": round(float(self.score), 6),
+            "num_features": self.num_features,
+        }
+
+
+@dataclass
+class SelectionResult:
+    """What the search chose, ready for `STCForSequenceClassification.set_selection`."""
+
+    selection: list[dict]
+    weight: torch.Tensor  # [num_labels, F]
+    bias: torch.Tensor  # [num_labels]
+    mean: torch.Tensor  # [F]
+    scale: torch.Tensor  # [F]
+    best: Candidate
+    candidates: list[Candidate]
+    layer_scores: dict[str, list[float]]
+    base_score: float
+    validation_outputs: torch.Tensor  # [n_val, num_labels] from the cached features
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Standardisation and row gathering
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Per block, mean and scale `[layers, dim]` over all rows (float64 accumulation, zero variance -> scale 1)."""
+    stats = {}
+    for block in cache.blocks:
+        array = cache.array(*block)
+        total = np.zeros(array.shape[::2], dtype=np.float64)
+        squares = np.zeros_like(total)
+        for start in range(0, cache.num_texts, chunk_rows):
+            chunk = np.asarray(array[:, start : start + chunk_rows], dtype=np.float64)
+            total += chunk.sum(1)
+            squares += np.square(chunk).sum(1)
+        mean = total / cache.num_texts
+        variance = np.maximum(squares / cache.num_texts - np.square(mean), 0.0)
+        scale = np.sqrt(variance)
+        scale[scale < 1e-6 * (np.abs(mean) + 1.0)] = 1.0
+        stats[block] = (mean.astype(np.float32), scale.astype(np.float32))
+    return stats
+
+
+class FeatureMatrix:
+    """Standardised columns of a cache: a list of (block, layer, neuron ids) groups, read rows on demand."""
+
+    def __init__(self, cache: FeatureCache, stats, groups: list[tuple[tuple[str, str], int, np.ndarray]]):
+        self.cache, self.groups = cache, groups
+        self.arrays = {block: cache.array(*block) for block in {g[0] for g in groups}}
+        self.mean = np.concatenate([stats[b][0][layer, neurons] for b, layer, neurons in groups])
+        self.scale = np.concatenate([stats[b][1][layer, neurons] for b, layer, neurons in groups])
+
+    @property
+    def num_features(self) -> int:
+        return len(self.mean)
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        """Standardised features [len(index), F] of the given rows (sorted internally, returned in order)."""
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        parts = [np.asarray(self.arrays[b][layer, sorted_index][:, neurons]) for b, layer, neurons in self.groups]
+        values = (np.concatenate(parts, axis=1) - self.mean) / self.scale
+        out = np.empty_like(values)
+        out[order] = values
+        return torch.from_numpy(out.astype(np.float32, copy=False))
+
+    def materialize(self, path, chunk_rows: int) -> torch.Tensor:
+        """All rows written to a memory-mapped file, returned as a zero-copy tensor (memory stays flat)."""
+        out = np.lib.format.open_memmap(path, "w+", np.float32, (self.cache.num_texts, self.num_features))
+        for start in range(0, self.cache.num_texts, chunk_rows):
+            stop = min(start + chunk_rows, self.cache.num_texts)
+            out[start:stop] = self.rows(np.arange(start, stop)).numpy()
+        out.flush()
+        return torch.from_numpy(out)
+
+
+def block_rows(cache, stats, block, index: np.ndarray) -> torch.Tensor:
+    """Standardised `[layers, len(index), dim]` of one block for sorted row ids."""
+    mean, scale = stats[block]
+    values = np.asarray(cache.array(*block)[:, index])
+    return torch.from_numpy(((values - mean[:, None]) / scale[:, None]).astype(np.float32, copy=False))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _families(blocks: list[tuple[str, str]]) -> list[tuple[tuple[str, str], ...]]:
+    """Block families tried in the integration: all blocks, then per source and per pooling."""
+    families = [tuple(blocks)]
+    for key in (0, 1):
+        for value in sorted({b[key] for b in blocks}):
+            family = tuple(b for b in blocks if b[key] == value)
+            if family not in families:
+                families.append(family)
+    return families
+
+
+class SelectionSearch:
+    """Runs the search for one problem; see the module docstring."""
+
+    def __init__(self, train: FeatureCache, validation: FeatureCache, y_train, y_validation, task: str,
+                 num_labels: int, settings: SearchSettings):
+        self.train, self.validation = train, validation
+        self.task, self.num_labels, self.settings = task, num_labels, settings
+        self.device = torch.device(settings.device)
+        self.y_train = torch.as_tensor(y_train)
+        self.y_validation = torch.as_tensor(y_validation)
+        rng = np.random.default_rng(settings.seed)
+        n = train.num_texts
+        self.sample = np.sort(rng.choice(n, settings.search_samples, replace=False)) if n > settings.search_samples \
+            else np.arange(n)
+        self.val_rows = np.arange(validation.num_texts)
+        self.num_layers = train.meta["blocks"][0]["num_layers"]
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _fit(self, X, Y, strengths, **kwargs):
+        kwargs.setdefault("max_iter", self.settings.max_iter)
+        return fit_linear_probes(X.to(self.device), Y.to(self.device), self.task, strengths,
+                                 num_classes=self.num_labels if self.task == "single_label_classification" else None,
+                                 **kwargs)
+
+    def _score(self, X_val, fit, feature_mask=None):
+        outputs = predict_probes(X_val.to(self.device), fit, feature_mask=feature_mask)
+        return score_predictions(outputs, self.y_validation.to(self.device), self.task), outputs
+
+    def _bar(self, total, desc):
+        return tqdm(total=total, desc=desc, disable=not self.settings.progress, unit="fit")
+
+    # -- stage 1 -----------------------------------------------------------------------------------------------------
+
+    def layer_probes(self, stats):
+        """Best L1 probe per block and layer: weights [layers, dim, C] and validation scores [layers]."""
+        results = {}
+        y = self.y_train[self.sample]
+        ratios = torch.tensor(self.settings.strength_ratios)
+        bar = self._bar(len(self.train.blocks), "Layer probes")
+        for block in self.train.blocks:
+            X = block_rows(self.train, stats, block, self.sample)
+            X_val = block_rows(self.validation, stats, block, self.val_rows)
+            lam_max = lambda_max(X.to(self.device), y.to(self.device), self.task,
+                                 num_classes=self.num_labels if self.task == "single_label_classification" else None)
+            strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
+            fit = self._fit(X, y, strengths)
+            scores, _ = self._score(X_val, fit)
+            # extend the grid towards weaker penalties while the best strength sits at the weak edge
+            for _ in range(3):
+                at_edge = scores.argmax(1) == strengths.shape[1] - 1
+                if not at_edge.any():
+                    break
+                weaker = strengths[:, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
+                extra = self._fit(X, y, weaker)
+                extra_scores, _ = self._score(X_val, extra)
+                strengths = torch.cat([strengths, weaker], 1)
+                scores = torch.cat([scores, extra_scores], 1)
+                fit.weight = torch.cat([fit.weight, extra.weight], 1)
+                fit.bias = torch.cat([fit.bias, extra.bias], 1)
+            best = scores.argmax(1)
+            layers = torch.arange(best.numel())
+            results[block] = (fit.weight[layers, best].cpu(), scores.max(1).values.cpu())
+            bar.update(1)
+        bar.close()
+        return results
+
+    # -- stages 2 and 3 ----------------------------------------------------------------------------------------------
+
+    def _groups(self, family, eta, probes, layers) -> list[tuple[tuple[str, str], int, np.ndarray]]:
+        """Kept neurons of the family's blocks in the given layers, ordered layer-major (so prefixes are prefixes)."""
+        groups = []
+        for layer in layers:
+            for block in family:
+                keep = select_by_importance(probes[block][0][layer], eta)
+                neurons = torch.nonzero(keep).flatten().numpy()
+                if neurons.size:
+                    groups.append((block, layer, neurons))
+        return groups
+
+    def _matrices(self, stats, groups) -> tuple[FeatureMatrix, FeatureMatrix]:
+        """Train and validation matrices of the same columns, both standardised with training statistics."""
+        return FeatureMatrix(self.train, stats, groups), FeatureMatrix(self.validation, stats, groups)
+
+    def _integrate(self, stats, layer_sets, groups):
+        """Fit the final L2 classifier for every layer set (as feature masks) and strength; returns scores, fit."""
+        train, validation = self._matrices(stats, groups)
+        X = train.rows(self.sample)[None]
+        X_val = validation.rows(self.val_rows)[None]
+        layer_of_column = np.concatenate([np.full(len(n), layer) for _, layer, n in groups])
+        masks = torch.stack([torch.from_numpy(np.isin(layer_of_column, list(s))) for s in layer_sets])
+        G = len(layer_sets)
+        X, X_val = X.expand(G, -1, -1), X_val.expand(G, -1, -1)
+        strengths = torch.tensor(self.settings.final_strengths)
+        fit = self._fit(X, self.y_train[self.sample], strengths, penalty="l2", feature_mask=masks.to(self.device))
+        scores, outputs = self._score(X_val, fit, feature_mask=masks.to(self.device))
+        return scores.cpu(), fit, masks, outputs
+
+    def run(self) -> SelectionResult:
+        seconds = {}
+        started = time.perf_counter()
+        stats = block_statistics(self.train, self.settings.chunk_rows)
+        probes = self.layer_probes(stats)
+        seconds["layer_probes"] = time.perf_counter() - started
+        layer_scores = {f"{s}/{p}": probes[(s, p)][1].tolist() for s, p in self.train.blocks}
+        base_block = self.train.blocks[0]
+        base_score = float(probes[base_block][1][-1])
+
+        all_layers = tuple(range(self.num_layers))
+        candidates: list[Candidate] = []
+        families = _families(self.train.blocks)
+        bar = self._bar(len(families) * len(self.settings.etas), "Integration")
+        for family in families:
+            for eta in self.settings.etas:
+                groups = self._groups(family, eta, probes, all_layers)
+                if groups:
+                    scores, *_ = self._integrate(stats, [all_layers], groups)
+                    candidates += self._candidates(family, eta, [all_layers], scores, groups)
+                bar.update(1)
+        bar.close()
+        best = max(candidates, key=lambda c: (c.score, -c.num_features))
+
+        # early exit and single layers for the best family and eta
+        layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
+        groups = self._groups(best.blocks, best.eta, probes, all_layers)
+        scores, *_ = self._integrate(stats, layer_sets, groups)
+        depth_candidates = self._candidates(best.blocks, best.eta, layer_sets, scores, groups)
+        candidates += [c for c in depth_candidates if c.layers != all_layers]
+        top = max(c.score for c in depth_candidates + [best])
+        eligible = [c for c in depth_candidates if c.score >= top - self.settings.early_exit_tolerance]
+        chosen = min(eligible, key=lambda c: (max(c.layers), c.num_features, -c.score))
+        seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
+
+        result = self._refit(chosen, probes, stats)
+        result.candidates = sorted(candidates, key=lambda c: -c.score)
+        result.layer_scores, result.base_score = layer_scores, base_score
+        seconds["refit"] = time.perf_counter() - started - seconds["layer_probes"] - seconds["integration"]
+        result.seconds = seconds
+        return result
+
+    def _candidates(self, family, eta, layer_sets, scores, groups) -> list[Candidate]:
+        sizes = {}
+        for _, layer, neurons in groups:
+            sizes[layer] = sizes.get(layer, 0) + len(neurons)
+        out = []
+        for g, layers in enumerate(layer_sets):
+            num_features = sum(sizes.get(layer, 0) for layer in layers)
+            if num_features == 0:
+                continue
+            for s, strength in enumerate(self.settings.final_strengths):
+                out.append(Candidate(family, eta, layers, strength, float(scores[g, s]), num_features))
+        return out
+
+    def _refit(self, chosen: Candidate, probes, stats) -> SelectionResult:
+        """Fit the chosen candidate on every training row (streamed in chunks) and package the head."""
+        groups = self._groups(chosen.blocks, chosen.eta, probes, chosen.layers)
+        matrix, validation = self._matrices(stats, groups)
+        X = matrix.materialize(self.train.path / "selected_features.npy", self.settings.chunk_rows)[None]
+        fit = self._fit(X, self.y_train, torch.tensor([chosen.strength]), penalty="l2",
+                        chunk_size=self.settings.chunk_rows, max_iter=2 * self.settings.max_iter)
+        outputs = predict_probes(validation.rows(self.val_rows)[None].to(self.device), fit)[0, 0].cpu()
+        selection = [
+            {"source": block[0], "pooling": block[1], "layer": int(layer), "neurons": neurons.tolist()}
+            for block, layer, neurons in groups
+        ]
+        weight = fit.weight[0, 0].T.cpu()
+        bias = fit.bias[0, 0].cpu()
+        if self.task == "regression" and weight.shape[0] != self.num_labels:
+            raise RuntimeError("regression head width does not match num_labels")
+        return SelectionResult(
+            selection=selection,
+            weight=weight,
+            bias=bias,
+            mean=torch.from_numpy(matrix.mean),
+            scale=torch.from_numpy(matrix.scale),
+            best=chosen,
+            candidates=[],
+            layer_scores={},
+            base_score=math.nan,
+            validation_outputs=outputs,
+        )

@@ -1,0 +1,374 @@
+"""STCTrainer: the fast frozen-backbone fit, with the `train` / `evaluate` / `predict` / `push_to_hub` API
+users know from the Hugging Face `Trainer` and SetFit.
+
+    trainer = STCTrainer(model, STCTrainingArguments("out"), train_dataset=ds["train"],
+                         eval_dataset=ds["validation"], processing_class=tokenizer)
+    trainer.train()          # one forward pass over the data + batched probes; writes the selection into `model`
+    trainer.evaluate(ds["test"])
+    trainer.save_model()     # model + tokenizer (+ card), loadable with pipeline("text-classification", ...)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .extraction import check_texts, extract_features
+from .metrics import compute_metrics
+from .selection import METRIC_NAMES, SearchSettings, SelectionSearch
+from .tokenization import prepare_tokenizer
+
+
+@dataclass
+class STCTrainingArguments:
+    """Settings of the fast fit. The search grids are documented in `stc_transformers.selection`."""
+
+    output_dir: str = "stc_output"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int | None = 256
+    batch_size: int = 32
+    cache_dir: str | None = None
+    validation_fraction: float = 0.15
+    etas: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    strength_ratios: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003)
+    final_strengths: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    search_samples: int = 4000
+    max_iter: int = 200
+    early_exit_tolerance: float = 0.002
+    seed: int = 42
+    device: str | None = None
+    progress: bool = True
+
+    def search_settings(self, device) -> SearchSettings:
+        return SearchSettings(
+            etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
+            final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
+            max_iter=self.max_iter, early_exit_tolerance=self.early_exit_tolerance, device=device,
+            seed=self.seed, progress=self.progress,
+        )
+
+
+@dataclass
+class STCTrainOutput:
+    """What `train()` returns: the chosen candidate, every candidate's validation score, and timings."""
+
+    validation_score: float
+    metric: str
+    chosen: dict
+    candidates: list[dict]
+    seconds: dict[str, float]
+    base_score: float
+    layer_scores: dict[str, list[float]] = field(repr=False)
+
+
+@dataclass
+class PredictionOutput:
+    predictions: np.ndarray
+    label_ids: np.ndarray | None
+    metrics: dict[str, float] | None
+
+
+class LabelEncoder:
+    """Maps a dataset's label column to model targets for the three problem types.
+
+    Single-label: class ids or names. Multi-label: 0/1 vectors of fixed width, or lists of label ids / names.
+    Regression: a float, or a list of floats per row.
+    """
+
+    def __init__(self, task: str, names: list[str] | None, num_labels: int, vectors: bool = False):
+        self.task, self.names, self.num_labels, self.vectors = task, names, num_labels, vectors
+
+    @classmethod
+    def fit(cls, labels: list, feature=None, problem_type: str | None = None) -> "LabelEncoder":
+        if not labels:
+            raise ValueError("The training data has no labels.")
+        if any(label is None for label in labels):
+            raise ValueError("The label column holds missing values (None): drop or fill those rows.")
+        first = labels[0]
+        names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+        is_list = isinstance(first, (list, tuple, np.ndarray))
+        if problem_type is None:
+            if is_list and not (len(first) and isinstance(first[0], (float, np.floating))):
+                problem_type = "multi_label_classification"
+            elif is_list or (isinstance(first, (float, np.floating)) and names is None):
+                problem_type = "regression"
+            else:
+                problem_type = "single_label_classification"
+        if problem_type == "regression":
+            return cls(problem_type, None, len(first) if is_list else 1)
+        if problem_type == "multi_label_classification":
+            return cls._fit_multi_label(labels, names)
+        if isinstance(first, str):
+            names = sorted(set(labels))
+        elif names is None:
+            top = max(int(x) for x in labels)
+            names = [f"LABEL_{i}" for i in range(top + 1)]
+        encoder = cls(problem_type, list(names), len(names))
+        present = set(encoder.encode(labels).tolist())
+        if len(present) < 2:
+            raise ValueError(
+                f"The training data has only {len(present)} class: a classifier needs at least two."
+            )
+        missing = [encoder.names[i] for i in range(encoder.num_labels) if i not in present]
+        if missing:
+            raise ValueError(
+                f"Classes {missing} have no training examples. Add examples, or remove them from the label names."
+            )
+        return encoder
+
+    @classmethod
+    def _fit_multi_label(cls, labels, names) -> "LabelEncoder":
+        items = [x for row in labels for x in row]
+        widths = {len(row) for row in labels}
+        if all(isinstance(x, str) for x in items):
+            names = sorted(set(items))
+            return cls("multi_label_classification", names, len(names))
+        if len(widths) == 1 and all(x in (0, 1) for x in items) and (names is None or len(names) == widths.copy().pop()):
+            width = widths.pop()
+            return cls("multi_label_classification", names or [f"LABEL_{i}" for i in range(width)], width, True)
+        if names is None:
+            names = [f"LABEL_{i}" for i in range(max(int(x) for x in items) + 1)]
+        return cls("multi_label_classification", list(names), len(names))
+
+    def encode(self, labels: list) -> torch.Tensor:
+        if self.task == "regression":
+            values = torch.tensor(np.asarray(labels, dtype=np.float32)).reshape(len(labels), self.num_labels)
+            if not torch.isfinite(values).all():
+                raise ValueError("Regression targets contain NaN/inf: drop or fix those rows.")
+            return values
+        if self.task == "multi_label_classification":
+            out = torch.zeros(len(labels), self.num_labels)
+            for i, row in enumerate(labels):
+                if self.vectors:
+                    if len(row) != self.num_labels:
+                        raise ValueError(f"Row {i} has {len(row)} label flags, expected {self.num_labels}.")
+                    out[i] = torch.tensor([float(x) for x in row])
+                else:
+                    for x in row:
+                        out[i, self._index(x)] = 1.0
+            return out
+        return torch.tensor([self._index(x) for x in labels], dtype=torch.long)
+
+    def _index(self, label) -> int:
+        if isinstance(label, str):
+            if label not in self.names:
+                raise ValueError(f"Unknown label {label!r}: the training labels are {self.names}.")
+            return self.names.index(label)
+        index = int(label)
+        if not 0 <= index < self.num_labels:
+            raise ValueError(
+                f"Label id {index} is outside 0..{self.num_labels - 1} ({self.names}); validation/test classes "
+                "must also occur in the training data."
+            )
+        return index
+
+    def configure(self, model):
+        """Write labels and problem type into the model config."""
+        config = model.config
+        config.problem_type = self.task
+        config.num_labels = self.num_labels
+        if self.names is not None:
+            config.id2label = dict(enumerate(self.names))
+            config.label2id = {name: i for i, name in enumerate(self.names)}
+
+
+def _columns(dataset, text_column, label_column, need_labels=True):
+    """Texts (and labels with their feature) from a `datasets.Dataset`, a dict of lists, or (texts, labels)."""
+    if isinstance(dataset, tuple):
+        texts, labels = dataset
+        return check_texts(texts), (list(labels) if labels is not None else None), None
+    if isinstance(dataset, list):
+        return check_texts(dataset), None, None
+    names = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
+    if text_column not in names:
+        raise ValueError(f"Text column {text_column!r} not found; the data has columns {names}. "
+                         "Set `text_column=`.")
+    labels, feature = None, None
+    if label_column in names:
+        labels = list(dataset[label_column])
+        feature = getattr(dataset, "features", {}).get(label_column) if hasattr(dataset, "features") else None
+    elif need_labels:
+        raise ValueError(f"Label column {label_column!r} not found; the data has columns {names}. "
+                         "Set `label_column=`.")
+    return check_texts(dataset[text_column]), labels, feature
+
+
+def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool):
+    """Seeded (stratified for classification) train/validation split of row ids."""
+    rng = np.random.default_rng(seed)
+    if not stratify:
+        order = rng.permutation(num)
+        cut = max(1, int(round(num * fraction)))
+        return np.sort(order[cut:]), np.sort(order[:cut])
+    labels = np.asarray(labels)
+    train, val = [], []
+    for value in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        cut = int(round(len(rows) * fraction)) if len(rows) > 2 else 0
+        val.extend(rows[:cut])
+        train.extend(rows[cut:])
+    return np.sort(train), np.sort(val)
+
+
+def predict_logits(model, tokenizer, texts, *, max_length=256, batch_size=32, progress=True) -> np.ndarray:
+    """Run the (fitted) model over texts in length-sorted batches; logits in the input order."""
+    texts = check_texts(texts)
+    lengths = np.array([len(t) for t in texts])
+    order = np.argsort(-lengths, kind="stable")
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    model.eval()
+    for start in tqdm(range(0, len(texts), batch_size), desc="Predicting", disable=not progress, unit="batch"):
+        index = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in index], padding=True, truncation=max_length is not None,
+                          max_length=max_length, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            out[index] = model(**batch).logits.float().cpu().numpy()
+    return out
+
+
+class STCTrainer:
+    """Fits an `STCForSequenceClassification` on a frozen backbone: one forward pass + batched sparse probes."""
+
+    def __init__(self, model, args: STCTrainingArguments | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, dataset_name: str | None = None):
+        if processing_class is None:
+            raise ValueError("Pass the backbone's tokenizer as `processing_class=`.")
+        self.model = model
+        self.args = args or STCTrainingArguments()
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.tokenizer = prepare_tokenizer(processing_class, model)
+        self.dataset_name = dataset_name
+        self.encoder: LabelEncoder | None = None
+        self.result: STCTrainOutput | None = None
+
+    @property
+    def device(self):
+        if self.args.device is not None:
+            return torch.device(self.args.device)
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def _cache_dir(self) -> Path:
+        return Path(self.args.cache_dir or Path(self.args.output_dir) / "feature_cache")
+
+    def train(self) -> STCTrainOutput:
+        """Extract features once, search the selection on validation data, and write it into the model."""
+        args = self.args
+        if self.train_dataset is None:
+            raise ValueError("Pass `train_dataset=` to fit.")
+        started = time.perf_counter()
+        texts, labels, feature = _columns(self.train_dataset, args.text_column, args.label_column)
+        self.encoder = LabelEncoder.fit(labels, feature, self.model.config.problem_type
+                                        if self.model.config.problem_type and self.model.config.selection else None)
+        y = self.encoder.encode(labels)
+        if self.eval_dataset is not None:
+            val_texts, val_labels, _ = _columns(self.eval_dataset, args.text_column, args.label_column)
+            y_val = self.encoder.encode(val_labels)
+            validation = "given"
+        else:
+            stratify = self.encoder.task == "single_label_classification"
+            train_rows, val_rows = _split_indices(len(texts), y.numpy() if stratify else None,
+                                                  args.validation_fraction, args.seed, stratify)
+            val_texts, y_val = [texts[i] for i in val_rows], y[val_rows]
+            texts, y = [texts[i] for i in train_rows], y[train_rows]
+            validation = "internal split"
+        self.encoder.configure(self.model)
+        self.model.to(self.device)
+        extract = dict(max_length=args.max_length, batch_size=args.batch_size, progress=args.progress)
+        train_cache = extract_features(self.model, self.tokenizer, texts, self._cache_dir(),
+                                       description="Features (train)", **extract)
+        val_cache = extract_features(self.model, self.tokenizer, val_texts, self._cache_dir(),
+                                     description="Features (validation)", **extract)
+        extraction_seconds = time.perf_counter() - started
+        search = SelectionSearch(train_cache, val_cache, y, y_val, self.encoder.task, self.encoder.num_labels,
+                                 args.search_settings(self.device))
+        result = search.run()
+        num_layers = self.model.config.text_config.num_hidden_layers
+        self.model.set_selection(result.selection, result.weight, result.bias, result.mean, result.scale)
+        seconds = {"extraction": round(extraction_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}
+        seconds["total"] = round(time.perf_counter() - started, 2)
+        metric = METRIC_NAMES[self.encoder.task]
+        chosen = {**result.best.as_dict(), "validation_score": round(
+            float(compute_metrics(result.validation_outputs.numpy(), y_val.numpy(), self.encoder.task)[metric]), 6)}
+        candidates = [c.as_dict() for c in result.candidates]
+        self.model.config.fit_summary = {
+            "task": self.encoder.task,
+            "metric": metric,
+            "chosen": chosen,
+            "layer_scores": {k: [round(v, 6) for v in scores] for k, scores in result.layer_scores.items()},
+            "base_score": round(result.base_score, 6),
+            "candidates_top": candidates[:20],
+            "num_train": len(texts),
+            "num_validation": len(val_texts),
+            "validation": validation,
+            "num_layers": num_layers,
+            "seconds": seconds,
+            "backbone": getattr(self.model, "name_or_path", None) or self.model.config.text_config._name_or_path,
+            "dataset": self.dataset_name,
+        }
+        self._validation_outputs = result.validation_outputs
+        self._validation_texts = val_texts
+        self._write_candidates(candidates)
+        self.result = STCTrainOutput(chosen["validation_score"], metric, chosen, candidates, seconds,
+                                     result.base_score, result.layer_scores)
+        return self.result
+
+    def _write_candidates(self, candidates: list[dict]):
+        output = Path(self.args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        with open(output / "candidates.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(candidates[0]))
+            writer.writeheader()
+            for row in candidates:
+                writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+
+    def _require_fitted(self):
+        if self.model.config.selection is None:
+            raise ValueError("The model is not fitted yet: call `trainer.train()` first.")
+
+    def predict(self, dataset) -> PredictionOutput:
+        """Logits for a dataset (or list of texts); metrics when it has labels."""
+        self._require_fitted()
+        texts, labels, _ = _columns(dataset, self.args.text_column, self.args.label_column, need_labels=False)
+        logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.max_length,
+                                batch_size=self.args.batch_size, progress=self.args.progress)
+        label_ids, metrics = None, None
+        if labels is not None:
+            encoder = self.encoder or LabelEncoder(self.model.config.problem_type,
+                                                   list(self.model.config.id2label.values()),
+                                                   self.model.config.num_labels)
+            label_ids = encoder.encode(labels).numpy()
+            metrics = compute_metrics(logits, label_ids, self.model.config.problem_type)
+        return PredictionOutput(logits, label_ids, metrics)
+
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Pass a labelled dataset to evaluate (no `eval_dataset` was given).")
+        metrics = self.predict(dataset).metrics
+        if metrics is None:
+            raise ValueError(f"The evaluation data has no {self.args.label_column!r} column.")
+        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+
+    def save_model(self, output_dir: str | None = None):
+        """Save model and tokenizer so `pipeline("text-classification", model=output_dir)` works."""
+        self._require_fitted()
+        output_dir = output_dir or self.args.output_dir
+        self.model.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+        (Path(output_dir) / "stc_training_args.json").write_text(json.dumps(asdict(self.args), indent=1))
+        return output_dir
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the fitted model (weights, config, modeling code, card) and the tokenizer."""
+        self._require_fitted()
+        result = self.model.push_to_hub(repo_id, **kwargs)
+        self.tokenizer.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private", "revision")})
+        return result
