@@ -46,7 +46,19 @@ class STCConfig(PreTrainedConfig):
             Standardise the selected features with the stored mean / scale before the head.
         l1_strength (`float`, defaults to 0.0):
             L1 penalty on the head weights added to the training loss (use with `sparsify`).
-        truncate_long_inputs, chunk_overlap: long-document handling; see the README.
+        long_input_chunks (`bool`, defaults to `False`):
+            Read texts longer than the backbone's window (its `max_position_embeddings`, less RoBERTa's padding
+            offset) in overlapping chunks instead of failing. The model receives the full token ids, cuts each row's
+            real tokens into chunks (left or right padding alike), runs the backbone on them and combines the pooled
+            features per text: mean -> token-count-weighted mean of the chunk means (the mean over all chunk
+            tokens), max -> max over chunks, first -> the first chunk's first token, last -> the last chunk's last
+            token. Special tokens are not repeated per chunk. Inference and the fit share this code
+            (`pooled_features`). Tokenize without truncation to use it: `tokenizer(texts, truncation=False)`; the
+            `text-classification` pipeline does not truncate unless asked (`classifier(text)`, not
+            `classifier(text, truncation=True)`), and a fit must be given no `max_length` cut either, or training
+            sees only the truncated prefix. Texts within the window are unaffected.
+        chunk_overlap (`int`, defaults to 64):
+            Tokens shared by consecutive chunks (stride = window - overlap); must be smaller than the window.
         fit_summary (`dict`, *optional*):
             What the fast fit chose and measured (per-layer validation scores, eta, pooling, ...), for reports and
             model cards.

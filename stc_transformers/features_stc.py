@@ -12,6 +12,9 @@ For layer ``l``:
 
 Both are pooled over real tokens in the block's forward hook, which runs outside activation checkpointing, so
 gradients flow through the captured tensors with the non-reentrant checkpoint (the transformers v5 default).
+
+Long inputs (``STCConfig.long_input_chunks``): `ChunkPlan` cuts each row's real tokens into overlapping windows the
+backbone can read, and combines the chunks' pooled features consistently with each pooling.
 """
 
 from __future__ import annotations
@@ -142,15 +145,16 @@ class LayerMap:
 def pool(states: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     """Pool `states` [B, T, D] over real tokens (`mask` [B, T], 1 = real) into [B, D] float32.
 
-    Computed in float32 so fp16 activations cannot overflow. Rows without any real token pool to zeros.
-    "first"/"last" pick the first/last real token, so they are right for left and right padding alike.
+    Computed in float32 so fp16 activations cannot overflow. Rows without any real token (all padding) pool to
+    zeros for every method. "first"/"last" pick the first/last real token, so they are right for left and right
+    padding alike; the values at padded positions never matter (even inf/NaN there is ignored by every method).
     """
     states = states.float()
     mask = mask.to(device=states.device, dtype=torch.bool)
     has_tokens = mask.any(dim=1, keepdim=True)
     if method == "mean":
-        weights = mask.unsqueeze(-1).float()
-        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        total = states.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)  # masked_fill, not a product: NaN * 0 is NaN
+        return total / mask.sum(1, keepdim=True).clamp(min=1).float()
     if method == "max":
         masked = states.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         return masked.amax(1).masked_fill(~has_tokens, 0.0)
@@ -162,7 +166,7 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     else:
         raise ValueError(f"Unknown pooling {method!r}: choose from {list(POOLINGS)}.")
     picked = states[torch.arange(states.shape[0], device=states.device), index]
-    return picked * has_tokens.float()
+    return picked.masked_fill(~has_tokens, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,3 +241,111 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
         for handle in handles:
             handle.remove()
         state.stash.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Long inputs: overlapping chunks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ids_position_table(backbone: nn.Module) -> nn.Embedding | None:
+    """The position table of RoBERTa-style backbones (it has a padding index): they number positions from the
+    input ids themselves, starting after the padding index, so left padding is already skipped."""
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.Embedding) and "position" in name and module.padding_idx is not None:
+            return module
+    return None
+
+
+def backbone_window(backbone: nn.Module) -> int | None:
+    """Most tokens the backbone reads at once: its position table (`max_position_embeddings`), less the offset of
+    RoBERTa-style position ids that start after the padding index; None when the config sets no limit."""
+    limit = getattr(backbone.config.get_text_config(), "max_position_embeddings", None)
+    if limit is None:
+        return None
+    table = ids_position_table(backbone)
+    if table is not None:
+        limit = min(limit, table.num_embeddings - table.padding_idx - 1)
+    return int(limit)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the rows of a batch are cut into overlapping chunks, and how the chunks' pooled features recombine.
+
+    Each row's real tokens (mask == 1, wherever the padding is) are cut into windows of at most `window` tokens;
+    consecutive windows of a row share `overlap` tokens (stride `window - overlap`), the last one may be shorter.
+    Chunks are right-padded and laid out row after row. A row without real tokens gets one all-padding chunk.
+    Special tokens are not re-inserted: the first chunk keeps the text's first token (e.g. [CLS]), the last
+    chunk its last one (e.g. [SEP] / EOS).
+    """
+
+    rows: torch.Tensor  # [C] original row of each chunk
+    token_index: torch.Tensor  # [C, W] position in the original row of each chunk token (0 on padding)
+    mask: torch.Tensor  # [C, W] attention mask of the chunks (right padded)
+    slots: torch.Tensor  # [B, K] chunk ids of each row, in order (0 where unused)
+    slot_mask: torch.Tensor  # [B, K] which slots hold a chunk
+
+    @classmethod
+    def build(cls, attention_mask: torch.Tensor, window: int, overlap: int) -> "ChunkPlan":
+        if window < 1 or not 0 <= overlap < window:
+            raise ValueError(
+                f"`chunk_overlap` must be in [0, {window - 1}] for a window of {window} tokens, got {overlap}."
+            )
+        stride = window - overlap
+        real = attention_mask.detach().to(torch.bool).cpu()
+        rows, pieces, row_chunks = [], [], []
+        for row, row_mask in enumerate(real):
+            positions = torch.nonzero(row_mask).flatten()
+            count = positions.numel()
+            starts = range(0, max(count - overlap, 1), stride) if count > window else [0]
+            row_chunks.append(list(range(len(rows), len(rows) + len(starts))))
+            for start in starts:
+                rows.append(row)
+                pieces.append(positions[start : start + window])
+        width = max(max(piece.numel() for piece in pieces), 1)
+        token_index = torch.zeros(len(pieces), width, dtype=torch.long)
+        mask = torch.zeros(len(pieces), width, dtype=torch.long)
+        for chunk, piece in enumerate(pieces):
+            token_index[chunk, : piece.numel()] = piece
+            mask[chunk, : piece.numel()] = 1
+        most = max(len(ids) for ids in row_chunks)
+        slots = torch.zeros(len(row_chunks), most, dtype=torch.long)
+        slot_mask = torch.zeros(len(row_chunks), most, dtype=torch.bool)
+        for row, ids in enumerate(row_chunks):
+            slots[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            slot_mask[row, : len(ids)] = True
+        device = attention_mask.device
+        return cls(
+            torch.tensor(rows, dtype=torch.long, device=device),
+            token_index.to(device),
+            mask.to(device=device, dtype=attention_mask.dtype),
+            slots.to(device),
+            slot_mask.to(device),
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        return self.rows.shape[0]
+
+    def split(self, tensor: torch.Tensor, pad_value=0) -> torch.Tensor:
+        """Cut a per-token tensor [B, T, ...] (input ids, token type ids, embeddings) into chunks [C, W, ...]."""
+        index = self.token_index.to(tensor.device)
+        chunks = tensor[self.rows.to(tensor.device).unsqueeze(1), index]
+        padding = ~self.mask.to(device=tensor.device, dtype=torch.bool)
+        padding = padding.view(padding.shape + (1,) * (chunks.dim() - 2))
+        return chunks.masked_fill(padding, pad_value)
+
+    def combine(self, pooled: torch.Tensor, method: str) -> torch.Tensor:
+        """Per-chunk pooled features [C, D] -> per-row [B, D], consistently with `method`.
+
+        mean: token-count-weighted mean of the chunk means (the mean over all chunk tokens, overlaps counted per
+        chunk); max: max over chunks; first: the first chunk's value; last: the last chunk's value.
+        """
+        stacked = pooled[self.slots.to(pooled.device)]  # [B, K, D]
+        slot_mask = self.slot_mask.to(pooled.device)
+        if method == "mean":
+            counts = self.mask.sum(1).to(device=pooled.device, dtype=torch.float32)[self.slots.to(pooled.device)]
+            weights = counts * slot_mask.float()  # [B, K]
+            return (stacked * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+        return pool(stacked, slot_mask, method)

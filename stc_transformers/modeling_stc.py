@@ -8,9 +8,16 @@ Self-contained with relative imports only: the Hub copies this file flat for `tr
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
+import re
+import shutil
+import tempfile
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import LocalTokenNotFoundError
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers import AutoModel, PreTrainedModel
@@ -20,7 +27,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_stc import STCConfig, is_causal_backbone
-from .features_stc import LayerMap, capture_pooled
+from .features_stc import ChunkPlan, LayerMap, backbone_window, capture_pooled, ids_position_table
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -145,6 +152,11 @@ class STCPreTrainedModel(PreTrainedModel):
         if not isinstance(kwargs.get("config"), STCConfig):
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            if not config_dict:
+                raise OSError(
+                    f"{pretrained_model_name_or_path!r} has no config.json: it is not a saved model, or saving it was "
+                    "interrupted. Save the model there again."
+                )
             model_type = config_dict.get("model_type")
             if model_type != STCConfig.model_type:
                 raise ValueError(
@@ -152,7 +164,74 @@ class STCPreTrainedModel(PreTrainedModel):
                     f"pretrained backbone use `{cls.__name__}.from_backbone_pretrained({pretrained_model_name_or_path!r}"
                     ", num_labels=...)` and fit it (e.g. with `STCTrainer`)."
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors is not imported here (Hub copy of the file)
+                raise
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path!r} cannot be read: the checkpoint is truncated or "
+                f"corrupted ({error}). Save it again or re-download it."
+            ) from error
+        # transformers only logs missing / unexpected weights and initialises the missing ones at random: for a
+        # saved STC classifier that means an incomplete or corrupted checkpoint, never something to predict with.
+        problems = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys") if info.get(k)}
+        if problems:
+            details = "; ".join(
+                f"{len(names)} {kind.replace('_', ' ')} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                for kind, names in problems.items()
+            )
+            raise OSError(
+                f"The checkpoint {pretrained_model_name_or_path!r} is incomplete or corrupted: {details}. Its weights "
+                "do not match its config.json; save the model again (or re-download it) instead of loading it with "
+                "randomly initialised weights."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, made atomic by `_atomic_save`."""
+        return self._atomic_save(save_directory, *args, **kwargs)
+
+    def _atomic_save(self, save_directory, *args, **kwargs):
+        """Save so that an interrupted save never leaves a checkpoint that loads silently.
+
+        `PreTrainedModel.save_pretrained` writes the config first and the weights after it, in place: an error
+        in between leaves the new config with the old weights, and a failed shard mixes new and old shards; both
+        load without a word. Here everything is written to a hidden staging folder inside `save_directory` (same
+        file system), then moved in: the old `config.json` is removed first and the new one moved in last (the
+        commit), stale weight files of an earlier save are removed in between. An error before the commit leaves
+        the previous checkpoint untouched; one during the commit leaves a folder without `config.json`, which
+        fails loudly. Files the save does not write (tokenizer, README, training state) are kept.
+        """
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if (
+            kwargs.get("push_to_hub")
+            or os.path.isfile(save_directory)
+            or not self.should_save_on_this_rank(is_main_process)
+        ):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = os.fspath(save_directory)
+        os.makedirs(target, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".stc-saving-", dir=target)
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # config.json last
+            if "config.json" in written and os.path.exists(os.path.join(target, "config.json")):
+                os.remove(os.path.join(target, "config.json"))
+            variant = re.escape(f".{kwargs['variant']}") if kwargs.get("variant") else ""
+            shards = rf"model{variant}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+            stale = re.compile(rf"{shards}|model\.safetensors\.index{variant}\.json")
+            for name in os.listdir(target):
+                if stale.fullmatch(name) and name not in written:
+                    os.remove(os.path.join(target, name))
+            for name in written:
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return result
 
 
 class STCForSequenceClassification(STCPreTrainedModel):
@@ -188,6 +267,12 @@ class STCForSequenceClassification(STCPreTrainedModel):
         self.selector = STCFeatureSelector(feature_groups(self.config, self.source_dims))
         self._causal = is_causal_backbone(self.config.text_config)
         self._backbone_arguments = set(inspect.signature(self.backbone.forward).parameters)
+        self._window = backbone_window(self.backbone)
+        # Count positions from the first real token (as `generate` does) wherever the backbone takes position ids
+        # and does not derive them from the ids itself (RoBERTa): left padding then gives the features of no padding.
+        self._positions_from_mask = (
+            "position_ids" in self._backbone_arguments and ids_position_table(self.backbone) is None
+        )
 
     @classmethod
     def from_backbone_pretrained(
@@ -246,7 +331,12 @@ class STCForSequenceClassification(STCPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **backbone_inputs,
     ) -> torch.Tensor:
-        """The selected pooled features [batch, num_features] in float32, before standardisation."""
+        """The selected pooled features [batch, num_features] in float32, before standardisation.
+
+        With `config.long_input_chunks`, rows longer than the backbone's window are cut into overlapping chunks
+        (`ChunkPlan`), run with at most as many tokens per backbone call as the input had, and their pooled features
+        recombined per row.
+        """
         reference = input_ids if input_ids is not None else backbone_inputs.get("inputs_embeds")
         if reference is None:
             raise ValueError("Pass `input_ids` (or `inputs_embeds`) from the tokenizer.")
@@ -257,19 +347,37 @@ class STCForSequenceClassification(STCPreTrainedModel):
             )
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        if not (self.config.long_input_chunks and self._window is not None and reference.shape[1] > self._window):
+            return self.selector.assemble(self._pooled_by_layer(input_ids, attention_mask, backbone_inputs))
+        if "position_ids" in backbone_inputs:
+            raise ValueError("`position_ids` cannot be combined with `long_input_chunks`: each chunk counts from 0.")
+        plan = ChunkPlan.build(attention_mask, self._window, self.config.chunk_overlap)
+        pad_id = getattr(self.config.text_config, "pad_token_id", None) or 0  # any valid id: the mask hides it
+        inputs = {"input_ids": None if input_ids is None else plan.split(input_ids, pad_id)}
+        inputs["attention_mask"] = plan.mask
+        inputs.update({name: plan.split(value) for name, value in backbone_inputs.items()})
+        # never more tokens per backbone call than the caller's batch had
+        step, parts = max(1, reference.shape[0] * reference.shape[1] // plan.mask.shape[1]), []
+        for start in range(0, plan.num_chunks, step):
+            part = {k: v[start : start + step] if v is not None else None for k, v in inputs.items()}
+            parts.append(self._pooled_by_layer(part.pop("input_ids"), part.pop("attention_mask"), part))
+        pooled = {key: plan.combine(torch.cat([part[key] for part in parts]), key[1]) for key in parts[0]}
+        return self.selector.assemble(pooled)
+
+    def _pooled_by_layer(self, input_ids, attention_mask, backbone_inputs) -> dict:
+        """Run the backbone (up to the exit layer) once; {(source, pooling, layer): [batch, dim]} pooled features."""
         requests = self.selector.requests
-        with capture_pooled(self.layer_map, attention_mask, requests, self.selector.neurons(reference.device)) as pooled:
+        device = attention_mask.device
+        with capture_pooled(self.layer_map, attention_mask, requests, self.selector.neurons(device)) as pooled:
             if self.config.text_config.is_encoder_decoder:
                 raise ValueError("Encoder-decoder backbones are not supported; use an encoder or a decoder model.")
             accepted = self._backbone_arguments
             if "use_cache" in accepted:
                 backbone_inputs["use_cache"] = False
-            if self._causal and "position_ids" in accepted and "position_ids" not in backbone_inputs:
-                # Decoders with absolute positions (GPT-2) must count positions from the first real token, so
-                # left padding gives the same features as no padding (as `generate` does).
+            if self._positions_from_mask and "position_ids" not in backbone_inputs:
                 backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
-            return self.selector.assemble(pooled)
+        return pooled
 
     @can_return_tuple
     def forward(
@@ -424,6 +532,75 @@ class STCForSequenceClassification(STCPreTrainedModel):
         """
         features = self.head.standardized(self.pooled_features(input_ids, attention_mask, **backbone_inputs))
         return features.unsqueeze(1) * self.head.classifier.weight.unsqueeze(0)
+
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # sharing and reading: the card, report and explanations live in the `stc_transformers` package
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the model card (`README.md` and its per-layer plot).
+
+        The card needs the `stc_transformers` package and is skipped without it (`trust_remote_code` users); a
+        README.md that stc-transformers did not generate is never overwritten. `push_to_hub=True` saves, then pushes.
+        """
+        if push_to_hub:
+            hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "create_pr", "private", "token") if k in kwargs}
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.save_pretrained(save_directory, *args, **kwargs)
+            return self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        card = _stc_module("model_card", required=False)
+        if card is not None and os.path.isdir(save_directory) and self.should_save_on_this_rank(is_main_process):
+            card.save_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, commit_message=None, commit_description=None, private=None, token=None,
+                    revision=None, create_pr=False, max_shard_size="50GB", tags=None) -> str:
+        """Upload weights, config (with `auto_map`), the three modeling files and the model card to `repo_id`.
+
+        Fails early when no token is available. A README.md on the Hub that stc-transformers did not generate is
+        kept; without the package no card is uploaded (the repository keeps its own).
+        """
+        if token is False or (token in (None, True) and huggingface_hub.get_token() is None):
+            raise LocalTokenNotFoundError(
+                "No Hugging Face token found to push with: run `hf auth login` (or set HF_TOKEN), or pass `token=...`."
+            )
+        repo_id = huggingface_hub.HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            card = _stc_module("model_card", required=False)
+            if card is not None:
+                card.prepare_upload(self, folder, repo_id, tags=[*(self.model_tags or []), *tags], token=token,
+                                    revision=revision)
+            return self._upload_modified_files(
+                folder, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
+                create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
+
+    def stc_report(self):
+        """What the fit selected and measured: an `STCReport` (needs the `stc_transformers` package)."""
+        return _stc_module("interpret").stc_report(self)
+
+    def explain(self, tokenizer, texts, **kwargs):
+        """Predictions with per-layer and per-neuron contributions (`stc_transformers.interpret.explain`)."""
+        return _stc_module("interpret").explain(self, tokenizer, texts, **kwargs)
+
+
+def _stc_module(name: str, required: bool = True):
+    """`stc_transformers.<name>`, imported lazily: the Hub copy of this file must run without the package."""
+    try:
+        return importlib.import_module(f"stc_transformers.{name}")
+    except ImportError as error:
+        if error.name not in ("stc_transformers", f"stc_transformers.{name}"):
+            raise
+        if not required:
+            return None
+        raise ImportError(
+            f"This needs the stc-transformers package (`pip install stc-transformers`) for `stc_transformers.{name}`; "
+            "a model loaded with `trust_remote_code=True` predicts without it."
+        ) from error
 
 
 def _smallest_set_reaching(importance: torch.Tensor, eta: float) -> torch.Tensor:

@@ -47,6 +47,10 @@ class STCTrainingArguments:
     device: str | None = None
     progress: bool = True
 
+    def token_limit(self, model) -> int | None:
+        """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`."""
+        return None if model.config.long_input_chunks else self.max_length
+
     def search_settings(self, device) -> SearchSettings:
         return SearchSettings(
             etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
@@ -281,7 +285,7 @@ class STCTrainer:
             validation = "internal split"
         self.encoder.configure(self.model)
         self.model.to(self.device)
-        extract = dict(max_length=args.max_length, batch_size=args.batch_size, progress=args.progress)
+        extract = dict(max_length=args.token_limit(self.model), batch_size=args.batch_size, progress=args.progress)
         train_cache = extract_features(self.model, self.tokenizer, texts, self._cache_dir(),
                                        description="Features (train)", **extract)
         val_cache = extract_features(self.model, self.tokenizer, val_texts, self._cache_dir(),
@@ -337,7 +341,7 @@ class STCTrainer:
         """Logits for a dataset (or list of texts); metrics when it has labels."""
         self._require_fitted()
         texts, labels, _ = _columns(dataset, self.args.text_column, self.args.label_column, need_labels=False)
-        logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.max_length,
+        logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.token_limit(self.model),
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None
         if labels is not None:

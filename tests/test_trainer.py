@@ -1,0 +1,260 @@
+"""The fast fit (STCTrainer) on tiny random backbones with synthetic, learnable data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import STCModelTester, make_tiny_tokenizer
+from datasets import ClassLabel, Dataset, Features, Sequence, Value
+from transformers import AutoModelForSequenceClassification, pipeline
+
+from stc_transformers.extraction import extract_features
+from stc_transformers.trainer import STCTrainer, STCTrainingArguments
+
+
+def synthetic_texts(n, num_classes=2, seed=0, length=(3, 10)):
+    """Texts of tokens w0..w95 where class c draws most tokens from its own range: learnable from pooled states."""
+    rng = np.random.default_rng(seed)
+    width = 96 // num_classes
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(num_classes))
+        size = int(rng.integers(*length))
+        own = rng.integers(label * width, (label + 1) * width, size=size)
+        noise = rng.integers(0, 96, size=size)
+        words = np.where(rng.random(size) < 0.7, own, noise)
+        texts.append(" ".join(f"w{w}" for w in words))
+        labels.append(label)
+    return texts, labels
+
+
+def small_args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), progress=False, max_length=32, batch_size=16,
+                    etas=(0.5, 0.9), strength_ratios=(0.1, 0.01), final_strengths=(1e-3, 1e-1), max_iter=100)
+    return STCTrainingArguments(**{**defaults, **kwargs})
+
+
+def make_trainer(tmp_path, arch="bert", num_classes=2, n=160, seed=0, **kwargs):
+    texts, labels = synthetic_texts(n, num_classes, seed)
+    names = [f"class_{i}" for i in range(num_classes)]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    data = Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    split = data.train_test_split(test_size=0.25, seed=0)
+    model = STCModelTester().model(arch)
+    tokenizer = make_tiny_tokenizer(pad=arch not in ("gpt2", "llama"))
+    trainer = STCTrainer(model, small_args(tmp_path, **kwargs), train_dataset=split["train"],
+                         eval_dataset=split["test"], processing_class=tokenizer)
+    return trainer, split
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
+    trainer, split = make_trainer(tmp_path, arch)
+    result = trainer.train()
+    model = trainer.model
+    assert model.config.selection is not None
+    assert result.metric == "accuracy" and result.validation_score > 0.75
+    assert model.config.id2label == {0: "class_0", 1: "class_1"}
+    assert model.config.problem_type == "single_label_classification"
+    # every candidate has a validation score; the chosen one is among the best
+    assert result.candidates and all("validation_score" in c for c in result.candidates)
+    assert (tmp_path / "out" / "candidates.csv").exists()
+    # the model's own forward on raw texts gives the fit's validation outputs
+    predictions = trainer.predict(split["test"]).predictions
+    np.testing.assert_allclose(predictions, trainer._validation_outputs.numpy(), atol=1e-4)
+    assert trainer.evaluate()["eval_accuracy"] == pytest.approx(result.validation_score, abs=1e-6)
+    # the backbone exits at the chosen layer
+    assert len(model.layer_map.layers) == result.chosen["exit_layer"] + 1
+    summary = model.config.fit_summary
+    assert summary["chosen"] == result.chosen and summary["num_layers"] == 3
+    assert set(summary["layer_scores"]) == {f"{s}/{p}" for s in ("hidden", "mlp") for p in model.config.poolings}
+
+
+def test_saved_fit_works_in_pipeline(tmp_path):
+    trainer, split = make_trainer(tmp_path)
+    trainer.train()
+    path = trainer.save_model(str(tmp_path / "saved"))
+    classifier = pipeline("text-classification", model=path)
+    texts = split["test"]["text"][:8]
+    labels = [d["label"] for d in classifier(texts)]
+    expected = trainer.predict(texts).predictions.argmax(-1)
+    assert labels == [f"class_{i}" for i in expected]
+    loaded = AutoModelForSequenceClassification.from_pretrained(path)
+    assert loaded.config.selection == trainer.model.config.selection
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["fit_summary"]["chosen"]
+
+
+def test_multi_class(tmp_path):
+    trainer, _ = make_trainer(tmp_path, num_classes=4, n=240)
+    result = trainer.train()
+    assert trainer.model.config.num_labels == 4
+    assert trainer.model.head.classifier.weight.shape[0] == 4
+    assert result.validation_score > 0.5
+
+
+def test_multi_label_from_label_lists(tmp_path):
+    texts, labels = synthetic_texts(200, 3, seed=1)
+    rng = np.random.default_rng(0)
+    label_lists = [[y] + ([int(rng.integers(3))] if rng.random() < 0.3 else []) for y in labels]
+    data = Dataset.from_dict({"text": texts, "tags": [sorted(set(x)) for x in label_lists]},
+                             features=Features({"text": Value("string"),
+                                                "tags": Sequence(ClassLabel(names=["a", "b", "c"]))}))
+    split = data.train_test_split(test_size=0.25, seed=0)
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, label_column="tags"),
+                         train_dataset=split["train"], eval_dataset=split["test"],
+                         processing_class=make_tiny_tokenizer())
+    result = trainer.train()
+    assert trainer.model.config.problem_type == "multi_label_classification"
+    assert trainer.model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert result.metric == "micro_f1" and result.validation_score > 0.5
+    metrics = trainer.evaluate()
+    assert {"eval_micro_f1", "eval_macro_f1", "eval_subset_accuracy"} <= set(metrics)
+
+
+def test_regression(tmp_path):
+    texts, labels = synthetic_texts(200, 2, seed=2)
+    targets = [float(y) * 2 - 1 + 0.1 * (len(t.split()) - 6) for t, y in zip(texts, labels)]
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts, "label": targets}),
+                         processing_class=make_tiny_tokenizer())
+    result = trainer.train()
+    assert trainer.model.config.problem_type == "regression" and trainer.model.config.num_labels == 1
+    assert result.metric == "r2" and result.validation_score > 0.3
+    assert trainer.model.config.fit_summary["validation"] == "internal split"
+
+
+def test_lists_of_texts_and_string_labels_with_internal_split(tmp_path):
+    texts, labels = synthetic_texts(120, 2, seed=3)
+    names = ["neg" if y == 0 else "pos" for y in labels]
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=(texts, names),
+                         processing_class=make_tiny_tokenizer())
+    trainer.train()
+    assert trainer.model.config.id2label == {0: "neg", 1: "pos"}
+    assert trainer.model.config.fit_summary["num_validation"] == 18  # 15% of each class, rounded
+
+
+def test_same_seed_same_selection_and_predictions(tmp_path):
+    runs = []
+    for i in range(2):
+        trainer, split = make_trainer(tmp_path / str(i))
+        trainer.train()
+        runs.append((trainer.model.config.selection, trainer.predict(split["test"]).predictions))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def trainer_for(tmp_path, texts, labels, **kwargs):
+    return STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, **kwargs),
+                      train_dataset=Dataset.from_dict({"text": texts, "label": labels}),
+                      processing_class=make_tiny_tokenizer())
+
+
+def test_fewer_than_two_classes(tmp_path):
+    with pytest.raises(ValueError, match="at least two"):
+        trainer_for(tmp_path, ["w1 w2"] * 10, [0] * 10).train()
+
+
+def test_label_column_missing(tmp_path):
+    with pytest.raises(ValueError, match="Label column 'stars' not found.*columns \\['text', 'label'\\]"):
+        trainer_for(tmp_path, ["w1"] * 4, [0, 1, 0, 1], label_column="stars").train()
+
+
+def test_unknown_labels_in_validation(tmp_path):
+    texts, labels = synthetic_texts(40, 2)
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts, "label": [str(y) for y in labels]}),
+                         eval_dataset=Dataset.from_dict({"text": texts[:4], "label": ["0", "1", "2", "1"]}),
+                         processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match="Unknown label '2'"):
+        trainer.train()
+
+
+def test_validation_class_never_seen_in_training(tmp_path):
+    texts, labels = synthetic_texts(40, 2)
+    names = ClassLabel(names=["a", "b", "c"])
+    features = Features({"text": Value("string"), "label": names})
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts, "label": labels}, features=features),
+                         processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"Classes \['c'\] have no training examples"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("bad,match", [("", "Text 2 is empty"), ("   ", "Text 2 is empty"), (None, "Text 2 is a NoneType")])
+def test_empty_or_non_string_texts(tmp_path, bad, match):
+    texts = ["w1 w2", "w3", bad, "w4"]
+    with pytest.raises(ValueError, match=match):
+        trainer_for(tmp_path, texts, [0, 1, 0, 1]).train()
+
+
+def test_missing_labels(tmp_path):
+    with pytest.raises(ValueError, match="missing values"):
+        trainer_for(tmp_path, ["w1", "w2", "w3"], [0, None, 1]).train()
+
+
+def test_non_finite_features_are_refused(tmp_path):
+    model = STCModelTester().model("bert")
+    with torch.no_grad():
+        model.backbone.embeddings.word_embeddings.weight[5] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf.*float32 or bfloat16"):
+        extract_features(model, make_tiny_tokenizer(), ["w2 w3", "w4"], tmp_path, progress=False)
+
+
+def test_predict_before_fit(tmp_path):
+    trainer, split = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        trainer.predict(split["test"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The cache
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_interrupted_extraction_resumes_to_identical_cache(tmp_path, monkeypatch):
+    model = STCModelTester().model("llama")
+    tokenizer = make_tiny_tokenizer()
+    texts, _ = synthetic_texts(50)
+    reference = extract_features(model, tokenizer, texts, tmp_path / "ref", batch_size=4, progress=False)
+
+    calls = {"n": 0}
+    original = type(model).pooled_features
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, commit_every=2, progress=False)
+    meta = json.loads(next((tmp_path / "run").glob("*/meta.json")).read_text())
+    assert meta["batches_done"] == 6 and meta["num_batches"] == 13  # committed every 2 batches, crash in the 7th
+    monkeypatch.setattr(type(model), "pooled_features", original)
+    resumed = extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False)
+    assert resumed.complete
+    for block in reference.blocks:
+        np.testing.assert_array_equal(resumed.array(*block), reference.array(*block))
+    # a finished cache is reused without running the backbone
+    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    calls["n"] = 6
+    assert extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False).complete
+
+
+def test_cache_depends_on_weights(tmp_path):
+    model = STCModelTester().model("bert")
+    tokenizer = make_tiny_tokenizer()
+    first = extract_features(model, tokenizer, ["w1 w2", "w3"], tmp_path, progress=False)
+    with torch.no_grad():
+        model.backbone.embeddings.word_embeddings.weight.mul_(1.01)
+    second = extract_features(model, tokenizer, ["w1 w2", "w3"], tmp_path, progress=False)
+    assert first.path != second.path
