@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .configuration_stc import STCConfig
 from .modeling_stc import STCForSequenceClassification, STCPreTrainedModel
+from .tokenization import prepare_tokenizer
+from .trainer import STCTrainer, STCTrainingArguments, STCTrainOutput
 
 
 __version__ = "0.1.0"
@@ -18,4 +20,13 @@ AutoModelForSequenceClassification.register(STCConfig, STCForSequenceClassificat
 STCConfig.register_for_auto_class()
 STCForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
-__all__ = ["STCConfig", "STCForSequenceClassification", "STCPreTrainedModel", "__version__"]
+__all__ = [
+    "STCConfig",
+    "STCForSequenceClassification",
+    "STCPreTrainedModel",
+    "STCTrainer",
+    "STCTrainingArguments",
+    "STCTrainOutput",
+    "prepare_tokenizer",
+    "__version__",
+]

@@ -39,10 +39,14 @@ METRIC_NAMES = {
 @dataclass
 class SearchSettings:
     etas: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
-    strength_ratios: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003)
-    final_strengths: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    search_samples: int = 4000
-    max_iter: int = 200
+    strength_ratios: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+    final_strengths: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0)
+    search_samples: int = 3000
+    max_iter: int = 100
+    tol: float = 1e-3
+    refit_max_iter: int = 300
+    refit_tol: float = 1e-4
+    families: str = "sources"
     early_exit_tolerance: float = 0.002
     chunk_rows: int = 4096
     device: str | torch.device = "cpu"
@@ -160,10 +164,10 @@ def block_rows(cache, stats, block, index: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _families(blocks: list[tuple[str, str]]) -> list[tuple[tuple[str, str], ...]]:
-    """Block families tried in the integration: all blocks, then per source and per pooling."""
+def _families(blocks: list[tuple[str, str]], kind: str = "sources") -> list[tuple[tuple[str, str], ...]]:
+    """Block families tried in the integration: all blocks, then per source (and per pooling for "all")."""
     families = [tuple(blocks)]
-    for key in (0, 1):
+    for key in (0, 1) if kind == "all" else (0,):
         for value in sorted({b[key] for b in blocks}):
             family = tuple(b for b in blocks if b[key] == value)
             if family not in families:
@@ -187,11 +191,16 @@ class SelectionSearch:
             else np.arange(n)
         self.val_rows = np.arange(validation.num_texts)
         self.num_layers = train.meta["blocks"][0]["num_layers"]
+        # standardised search sample and validation rows per block, kept from stage 1 (size bounded by
+        # `search_samples` and the validation set, not by the training set)
+        self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
+        self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 
     def _fit(self, X, Y, strengths, **kwargs):
         kwargs.setdefault("max_iter", self.settings.max_iter)
+        kwargs.setdefault("tol", self.settings.tol)
         return fit_linear_probes(X.to(self.device), Y.to(self.device), self.task, strengths,
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None,
                                  **kwargs)
@@ -214,16 +223,14 @@ class SelectionSearch:
         for block in self.train.blocks:
             X = block_rows(self.train, stats, block, self.sample)
             X_val = block_rows(self.validation, stats, block, self.val_rows)
+            self.sample_blocks[block], self.validation_blocks[block] = X, X_val
             lam_max = lambda_max(X.to(self.device), y.to(self.device), self.task,
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None)
             strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
             fit = self._fit(X, y, strengths)
             scores, _ = self._score(X_val, fit)
-            # extend the grid towards weaker penalties while the best strength sits at the weak edge
-            for _ in range(3):
-                at_edge = scores.argmax(1) == strengths.shape[1] - 1
-                if not at_edge.any():
-                    break
+            # extend the grid towards weaker penalties when the best strength sits at the weak edge
+            if (scores.argmax(1) == strengths.shape[1] - 1).any():
                 weaker = strengths[:, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
                 extra = self._fit(X, y, weaker)
                 extra_scores, _ = self._score(X_val, extra)
@@ -255,19 +262,25 @@ class SelectionSearch:
         """Train and validation matrices of the same columns, both standardised with training statistics."""
         return FeatureMatrix(self.train, stats, groups), FeatureMatrix(self.validation, stats, groups)
 
-    def _integrate(self, stats, layer_sets, groups):
-        """Fit the final L2 classifier for every layer set (as feature masks) and strength; returns scores, fit."""
-        train, validation = self._matrices(stats, groups)
-        X = train.rows(self.sample)[None]
-        X_val = validation.rows(self.val_rows)[None]
+    def _integrate(self, layer_sets, groups) -> torch.Tensor:
+        """Validation scores [len(layer_sets), strengths] of the final L2 classifier on each layer set.
+
+        Columns are ordered layer-major, so every prefix and every single layer is a contiguous column range:
+        each set is fitted on a slice of one matrix (all strengths at once).
+        """
+        X = torch.cat([self.sample_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
+        X_val = torch.cat([self.validation_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
         layer_of_column = np.concatenate([np.full(len(n), layer) for _, layer, n in groups])
-        masks = torch.stack([torch.from_numpy(np.isin(layer_of_column, list(s))) for s in layer_sets])
-        G = len(layer_sets)
-        X, X_val = X.expand(G, -1, -1), X_val.expand(G, -1, -1)
         strengths = torch.tensor(self.settings.final_strengths)
-        fit = self._fit(X, self.y_train[self.sample], strengths, penalty="l2", feature_mask=masks.to(self.device))
-        scores, outputs = self._score(X_val, fit, feature_mask=masks.to(self.device))
-        return scores.cpu(), fit, masks, outputs
+        scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
+        for i, layers in enumerate(layer_sets):
+            columns = np.flatnonzero(np.isin(layer_of_column, list(layers)))
+            if columns.size == 0:
+                continue
+            start, stop = int(columns[0]), int(columns[-1]) + 1
+            fit = self._fit(X[None, :, start:stop], self.y_train[self.sample], strengths, penalty="l2")
+            scores[i] = self._score(X_val[None, :, start:stop], fit)[0][0].cpu()
+        return scores
 
     def run(self) -> SelectionResult:
         seconds = {}
@@ -281,13 +294,13 @@ class SelectionSearch:
 
         all_layers = tuple(range(self.num_layers))
         candidates: list[Candidate] = []
-        families = _families(self.train.blocks)
+        families = _families(self.train.blocks, self.settings.families)
         bar = self._bar(len(families) * len(self.settings.etas), "Integration")
         for family in families:
             for eta in self.settings.etas:
                 groups = self._groups(family, eta, probes, all_layers)
                 if groups:
-                    scores, *_ = self._integrate(stats, [all_layers], groups)
+                    scores = self._integrate([all_layers], groups)
                     candidates += self._candidates(family, eta, [all_layers], scores, groups)
                 bar.update(1)
         bar.close()
@@ -296,7 +309,7 @@ class SelectionSearch:
         # early exit and single layers for the best family and eta
         layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
         groups = self._groups(best.blocks, best.eta, probes, all_layers)
-        scores, *_ = self._integrate(stats, layer_sets, groups)
+        scores = self._integrate(layer_sets, groups)
         depth_candidates = self._candidates(best.blocks, best.eta, layer_sets, scores, groups)
         candidates += [c for c in depth_candidates if c.layers != all_layers]
         top = max(c.score for c in depth_candidates + [best])
@@ -330,7 +343,8 @@ class SelectionSearch:
         matrix, validation = self._matrices(stats, groups)
         X = matrix.materialize(self.train.path / "selected_features.npy", self.settings.chunk_rows)[None]
         fit = self._fit(X, self.y_train, torch.tensor([chosen.strength]), penalty="l2",
-                        chunk_size=self.settings.chunk_rows, max_iter=2 * self.settings.max_iter)
+                        chunk_size=self.settings.chunk_rows, max_iter=self.settings.refit_max_iter,
+                        tol=self.settings.refit_tol)
         outputs = predict_probes(validation.rows(self.val_rows)[None].to(self.device), fit)[0, 0].cpu()
         selection = [
             {"source": block[0], "pooling": block[1], "layer": int(layer), "neurons": neurons.tolist()}

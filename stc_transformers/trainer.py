@@ -37,12 +37,14 @@ class STCTrainingArguments:
     batch_size: int = 32
     cache_dir: str | None = None
     validation_fraction: float = 0.15
-    etas: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
-    strength_ratios: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003)
-    final_strengths: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    search_samples: int = 4000
-    max_iter: int = 200
-    early_exit_tolerance: float = 0.002
+    etas: tuple[float, ...] = SearchSettings.etas
+    strength_ratios: tuple[float, ...] = SearchSettings.strength_ratios
+    final_strengths: tuple[float, ...] = SearchSettings.final_strengths
+    search_samples: int = SearchSettings.search_samples
+    max_iter: int = SearchSettings.max_iter
+    tol: float = SearchSettings.tol
+    families: str = SearchSettings.families
+    early_exit_tolerance: float = SearchSettings.early_exit_tolerance
     seed: int = 42
     device: str | None = None
     progress: bool = True
@@ -55,7 +57,8 @@ class STCTrainingArguments:
         return SearchSettings(
             etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
             final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
-            max_iter=self.max_iter, early_exit_tolerance=self.early_exit_tolerance, device=device,
+            max_iter=self.max_iter, tol=self.tol, families=self.families,
+            early_exit_tolerance=self.early_exit_tolerance, device=device,
             seed=self.seed, progress=self.progress,
         )
 

