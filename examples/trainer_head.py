@@ -59,6 +59,7 @@ def main():
     backbone = minilm_path()
     model = STCForSequenceClassification.from_backbone_pretrained(
         backbone, id2label={0: "negative", 1: "positive"}, l1_strength=1e-4,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # a frozen backbone: the same features each epoch
     ).freeze_backbone()  # only the head (23,040 x 2 weights) trains
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     print(f"Dense head: {model.head.classifier.in_features} features from all "

@@ -457,8 +457,8 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
     W = _prox(W.clone(), torch.zeros_like(lam), penalty, ev.p.mask)  # masks the starting point
     Z = ev.logits(W, b)
     running = torch.ones(G, S, dtype=torch.bool, device=W.device)
-    s = _State(W, b, W, b, Z, Z, lam, (L0 * _OPTIMISTIC_START)[:, None].expand(G, S).contiguous(), torch.ones_like(lam),
-               running, ~running, torch.arange(S, device=W.device))
+    L = (L0 * _OPTIMISTIC_START)[:, None].expand(G, S).contiguous()
+    s = _State(W, b, W, b, Z, Z, lam, L, torch.ones_like(lam), running, ~running, torch.arange(S, device=W.device))
     out_W, out_b, out_converged = W.clone(), b.clone(), ~running
 
     def save(state):

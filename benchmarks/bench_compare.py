@@ -1,0 +1,196 @@
+"""Side by side on one backbone and dataset: STC, the Base probe, an LLMEmbed-style head, full fine-tuning with the
+HF `Trainer` (3 epochs), and STC on the fine-tuned backbone; accuracy, fit time and inference throughput.
+
+    python benchmarks/bench_compare.py --model minilm --data rotten_tomatoes_offline --train-limit 4000
+
+* Base: STC's own last-layer probe score is not used; Base is sklearn logistic regression on the last layer's
+  mean-pooled (encoders) / last-token (decoders) hidden state, C chosen on validation.
+* LLMEmbed-style: mean-pooled hidden states of the last 5 layers, each compressed by a linear map, fused with
+  their co-occurrence matrix (X X^T squashed by 2*sigmoid(x)-1) and their mean, then an MLP head (Adam, early
+  stopping on validation).
+* Fine-tuning: `AutoModelForSequenceClassification` + `Trainer`, 3 epochs, lr 5e-5, batch 32.
+* Throughput: texts per second on the test split, same batching, STC (early exit) vs the fine-tuned
+  `AutoModelForSequenceClassification` on the same backbone.
+SetFit is not included: it needs sentence-transformers models from the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_stc import sklearn_base, standardized, subsample
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from stc_transformers import STCForSequenceClassification, STCTrainer, STCTrainingArguments
+from stc_transformers.backbones import resolve_backbone
+from stc_transformers.data import load_text_dataset
+from stc_transformers.extraction import extract_features
+from stc_transformers.metrics import compute_metrics
+from stc_transformers.selection import block_statistics
+from stc_transformers.trainer import predict_logits
+
+
+class LLMEmbedHead(nn.Module):
+    """Compressed last-k layer embeddings + squashed co-occurrence + mean vector -> MLP."""
+
+    def __init__(self, dim: int, layers: int, num_labels: int, compressed: int = 128, hidden: int = 256):
+        super().__init__()
+        self.compress = nn.ModuleList(nn.Linear(dim, compressed) for _ in range(layers))
+        fused = layers * compressed + layers * layers + compressed
+        self.mlp = nn.Sequential(nn.Linear(fused, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, num_labels))
+
+    def forward(self, x):  # x [batch, layers, dim]
+        z = torch.stack([c(x[:, i]) for i, c in enumerate(self.compress)], 1)  # [batch, layers, compressed]
+        cooc = 2 * torch.sigmoid(z @ z.transpose(1, 2) / z.shape[-1] ** 0.5) - 1
+        return self.mlp(torch.cat([z.flatten(1), cooc.flatten(1), z.mean(1)], 1))
+
+
+def train_llmembed(X, y, X_val, y_val, num_labels, epochs=30, seed=0):
+    torch.manual_seed(seed)
+    head = LLMEmbedHead(X.shape[-1], X.shape[1], num_labels)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    best = (-1.0, None)
+    for _ in range(epochs):
+        head.train()
+        for rows in torch.randperm(len(X)).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(head(X[rows]), y[rows]).backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            accuracy = (head(X_val).argmax(-1) == y_val).float().mean().item()
+        if accuracy > best[0]:
+            best = (accuracy, {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[1])
+    return head.eval()
+
+
+def throughput(fn, texts) -> float:
+    started = time.perf_counter()
+    fn(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def fit_stc(path, tokenizer, train, validation, out_dir, max_length):
+    model = STCForSequenceClassification.from_backbone_pretrained(path)
+    trainer = STCTrainer(model, STCTrainingArguments(str(out_dir), max_length=max_length, progress=False),
+                         train_dataset=train, eval_dataset=validation, processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - started
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data", default="rotten_tomatoes_offline")
+    parser.add_argument("--train-limit", type=int, default=4000)
+    parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--output-dir", default="outputs/compare")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    path = resolve_backbone(args.model)
+    data = load_text_dataset(args.data)
+    train = subsample(data["train"], args.train_limit, 0)
+    validation = subsample(data["validation"], args.eval_limit, 0)
+    test = subsample(data["test"], args.eval_limit, 0)
+    out = Path(args.output_dir) / f"{args.model}-{args.data}-{len(train)}"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    y_test = np.array(test["label"])
+    results = {}
+
+    # STC
+    stc, stc_seconds = fit_stc(path, tokenizer, train, validation, out / "stc", args.max_length)
+    stc_logits = predict_logits(stc.model, stc.tokenizer, list(test["text"]), max_length=args.max_length,
+                                progress=False)
+    results["STC"] = {**compute_metrics(stc_logits, y_test, "single_label_classification"),
+                      "fit_seconds": stc_seconds, "exit_layer": stc.model.config.exit_layer,
+                      "features": stc.model.config.num_selected_features}
+
+    # Base and LLMEmbed-style heads on cached features of the plain backbone
+    dense = STCForSequenceClassification.from_backbone_pretrained(path, sources=["hidden"], poolings=["mean"])
+    started = time.perf_counter()
+    caches = [extract_features(dense, stc.tokenizer, list(s["text"]), out / "cache", max_length=args.max_length,
+                               progress=False) for s in (train, validation, test)]
+    extraction_seconds = time.perf_counter() - started
+    stats = block_statistics(caches[0], 4096)
+    ys = [np.array(s["label"]) for s in (train, validation, test)]
+    layers = dense.config.text_config.num_hidden_layers
+    last = [standardized(c, stats, ("hidden", "mean"), [layers - 1])[0].numpy() for c in caches]
+    started = time.perf_counter()
+    results["Base"] = {**sklearn_base(last[0], ys[0], last[1], ys[1], last[2], ys[2], "single_label_classification"),
+                       "fit_seconds": extraction_seconds + time.perf_counter() - started}
+    lastk = [torch.stack(standardized(c, stats, ("hidden", "mean"), range(max(0, layers - 5), layers)), 1)
+             for c in caches]
+    started = time.perf_counter()
+    head = train_llmembed(lastk[0], torch.tensor(ys[0]), lastk[1], torch.tensor(ys[1]), len(set(ys[0])))
+    with torch.no_grad():
+        llm_logits = head(lastk[2]).numpy()
+    results["LLMEmbed-style head"] = {**compute_metrics(llm_logits, y_test, "single_label_classification"),
+                                      "fit_seconds": extraction_seconds + time.perf_counter() - started}
+
+    # Full fine-tuning
+    num_labels = len(set(ys[0]))
+    finetuned = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    tokenized = [s.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True)
+                 for s in (train, validation)]
+    training = TrainingArguments(str(out / "finetune"), num_train_epochs=args.epochs, learning_rate=5e-5,
+                                 per_device_train_batch_size=32, save_strategy="no", report_to=[], use_cpu=True,
+                                 seed=0, disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=finetuned, args=training, train_dataset=tokenized[0], processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    started = time.perf_counter()
+    trainer.train()
+    ft_seconds = time.perf_counter() - started
+    finetuned.eval()
+    ft_logits = predict_logits(finetuned, tokenizer, list(test["text"]), max_length=args.max_length, progress=False)
+    results["Fine-tuning (3 epochs)"] = {**compute_metrics(ft_logits, y_test, "single_label_classification"),
+                                         "fit_seconds": ft_seconds}
+    finetuned.save_pretrained(out / "finetuned")
+    tokenizer.save_pretrained(out / "finetuned")
+
+    # STC on the fine-tuned backbone, against that model's own head
+    stc_ft, stc_ft_seconds = fit_stc(str(out / "finetuned"), tokenizer, train, validation, out / "stc_ft",
+                                     args.max_length)
+    stc_ft_logits = predict_logits(stc_ft.model, stc_ft.tokenizer, list(test["text"]), max_length=args.max_length,
+                                   progress=False)
+    results["STC on fine-tuned backbone"] = {
+        **compute_metrics(stc_ft_logits, y_test, "single_label_classification"), "fit_seconds": stc_ft_seconds,
+        "exit_layer": stc_ft.model.config.exit_layer}
+
+    # Inference throughput on the test texts (same batching, length-sorted batches of 32)
+    texts = list(test["text"])
+    for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
+                             ("AutoModelForSequenceClassification", finetuned, tokenizer)):
+        predict_logits(model, tok, texts[:64], max_length=args.max_length, progress=False)  # warm-up
+        results.setdefault("throughput_texts_per_second", {})[name] = round(throughput(
+            lambda t: predict_logits(model, tok, t, max_length=args.max_length, progress=False), texts), 1)
+
+    print(f"\n{args.model} on {args.data}: train {len(train)}, validation {len(validation)}, test {len(test)}")
+    print(f"{'method':36s} {'accuracy':>9s} {'macro_f1':>9s} {'fit s':>8s}")
+    for name, row in results.items():
+        if "accuracy" in row:
+            print(f"{name:36s} {row['accuracy']:9.4f} {row['macro_f1']:9.4f} {row['fit_seconds']:8.1f}")
+    print("throughput (texts/s):", results["throughput_texts_per_second"])
+    print(f"STC fit / fine-tuning time: {stc_seconds / ft_seconds:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(results, indent=1, default=float))
+    return results
+
+
+if __name__ == "__main__":
+    main()
