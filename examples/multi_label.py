@@ -93,7 +93,7 @@ def main():
 
     classifier = pipeline("text-classification", model=str(OUTPUT), top_k=None)
     example = data["test"][0]
-    scores = classifier(example["text"], truncation=True, max_length=192)
+    scores = classifier([example["text"]], truncation=True, max_length=192)[0]  # every label, best first
     print(f"\nTrue topics {example['labels']}; predicted probabilities: "
           + ", ".join(f"{s['label']} {s['score']:.2f}" for s in scores))
     print(f"Total time {time.perf_counter() - started:.0f} s")

@@ -6,6 +6,13 @@ array `[num_layers, num_texts, dim]` on disk (`<source>_<pooling>.npy`, opened w
 so peak memory does not grow with the dataset. Texts run longest first in length-sorted batches; progress is
 committed atomically every few batches, so an interrupted pass resumes where it stopped and never leaves a cache
 that looks complete but is not.
+
+Several processes (`accelerate launch`, `torchrun`) can share one pass: `extract_features(..., accelerator=state)`
+gives each process every `num_processes`-th pending batch; each writes its rows straight into the shared memory-mapped
+arrays (rows are disjoint, so no locking) and records finished batches in a per-batch progress file, so an
+interrupted multi-process pass resumes too (with any number of processes). The merged cache is the one a single
+process writes, bit for bit on the same hardware (on CPU with the same number of threads per process: matrix kernels
+sum in an order that depends on it).
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +34,7 @@ from .modeling_stc import feature_groups, group_size
 
 
 CACHE_VERSION = 1
+PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
 
 def check_texts(texts) -> list[str]:
@@ -100,6 +110,7 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
         if stored.get("fingerprint") == meta["fingerprint"] and stored.get("version") == CACHE_VERSION:
             return FeatureCache(path, stored)
     path.mkdir(parents=True, exist_ok=True)
+    (path / PROGRESS_FILE).unlink(missing_ok=True)  # progress of an older, different pass
     for block in meta["blocks"]:
         shape = (block["num_layers"], meta["num_texts"], block["dim"])
         array = np.lib.format.open_memmap(path / f"{block['source']}_{block['pooling']}.npy", "w+", np.float32, shape)
@@ -120,11 +131,17 @@ def extract_features(
     commit_every: int = 8,
     progress: bool = True,
     description: str = "Extracting features",
+    accelerator=None,
 ) -> FeatureCache:
     """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
 
     `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model, tokenizer
     settings, texts) is reused; an unfinished one resumes at the first uncommitted batch.
+
+    `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
+    process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
+    device (`accelerator.device`); the processes split the batches and all return the finished cache. All processes
+    must run on one machine (they share the memory-mapped files).
     """
     if model.config.selection is not None:
         raise ValueError(
@@ -165,7 +182,12 @@ def extract_features(
         "seconds": 0.0,
         "tokens": int(lengths.sum()),
     }
-    cache = _open_cache(Path(cache_dir) / fingerprint[:20], meta)
+    path = Path(cache_dir) / fingerprint[:20]
+    sharded = accelerator is not None and accelerator.num_processes > 1
+    if sharded:
+        cache = _open_cache_on_main(accelerator, path, meta)
+    else:
+        cache = _open_cache(path, meta)
     if cache.complete:
         return cache
 
@@ -176,29 +198,40 @@ def extract_features(
         offsets.setdefault(key, start)
         start += group_size(group)
     columns = [k for k in encodings.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    device = model.device
+
+    def write_batch(number: int):
+        """Run batch `number` through the backbone and write its rows into the arrays (not yet flushed)."""
+        index = batches[number]
+        features = [{c: encodings[c][i] for c in columns} for i in index]
+        batch = tokenizer.pad(features, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.inference_mode():
+            pooled = model.pooled_features(**batch).float().cpu().numpy()
+        if not np.isfinite(pooled).all():
+            raise ValueError(
+                "The backbone produced NaN/inf activations (typically float16 overflow). Load the backbone in "
+                "float32 or bfloat16 (`dtype=torch.bfloat16`)."
+            )
+        for (source, pooling), array in arrays.items():
+            dim = model.source_dims[source]
+            block = pooled[:, offsets[(source, pooling)] : offsets[(source, pooling)] + num_layers * dim]
+            array[:, index] = block.reshape(len(index), num_layers, dim).transpose(1, 0, 2)
+
     was_training = model.training
     model.eval()
-    device = model.device
+    if sharded:
+        try:
+            return _extract_shard(accelerator, cache, arrays, write_batch, commit_every=commit_every,
+                                  progress=progress, description=description)
+        finally:
+            model.train(was_training)
     started = time.perf_counter()
     bar = tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description, disable=not progress,
                unit="batch")
     try:
         for number in range(cache.meta["batches_done"], len(batches)):
-            index = batches[number]
-            features = [{c: encodings[c][i] for c in columns} for i in index]
-            batch = tokenizer.pad(features, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.inference_mode():
-                pooled = model.pooled_features(**batch).float().cpu().numpy()
-            if not np.isfinite(pooled).all():
-                raise ValueError(
-                    "The backbone produced NaN/inf activations (typically float16 overflow). Load the backbone in "
-                    "float32 or bfloat16 (`dtype=torch.bfloat16`)."
-                )
-            for (source, pooling), array in arrays.items():
-                dim = model.source_dims[source]
-                block = pooled[:, offsets[(source, pooling)] : offsets[(source, pooling)] + num_layers * dim]
-                array[:, index] = block.reshape(len(index), num_layers, dim).transpose(1, 0, 2)
+            write_batch(number)
             bar.update(1)
             if (number + 1) % commit_every == 0 or number + 1 == len(batches):
                 _commit(cache, arrays, number + 1, time.perf_counter() - started)
@@ -216,3 +249,111 @@ def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float
     cache.meta["batches_done"] = batches_done
     cache.meta["seconds"] += seconds
     cache.save_meta()
+    if cache.complete:
+        (cache.path / PROGRESS_FILE).unlink(missing_ok=True)  # left by an interrupted multi-process pass
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Several processes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def distributed_state(device=None):
+    """The `accelerate.PartialState` when this process is one of several (`accelerate launch`, `torchrun`, mpirun),
+    else None.
+
+    `PartialState()` alone reports one process for a CPU-only multi-process launch: on CPU (no CUDA, `device="cpu"`
+    or `ACCELERATE_USE_CPU=1`) it is created with `cpu=True`, which selects the gloo backend. An already created
+    state (by an `Accelerator` or a `TrainingArguments`) is reused.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) > 1
+    if not launched and not PartialState._shared_state:
+        return None
+    cpu = (
+        not torch.cuda.is_available()
+        or parse_flag_from_env("ACCELERATE_USE_CPU")
+        or (device is not None and torch.device(device).type == "cpu")
+    )
+    state = PartialState(cpu=cpu)
+    if launched and state.num_processes == 1:
+        warnings.warn(
+            "This process was launched as one of several, but the accelerate state in use has one process (was it "
+            "created without `cpu=True` on a machine without GPUs?): each process will extract all features itself."
+        )
+    return state if state.num_processes > 1 else None
+
+
+def _open_cache_on_main(state, path: Path, meta: dict) -> FeatureCache:
+    """The main process opens or creates the cache (and its progress file); the others open it after."""
+    here = (socket.gethostname(), meta["fingerprint"], str(path.resolve()))
+    seen = [here]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        seen = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(seen, here)
+    if len({host for host, _, _ in seen}) > 1:
+        raise ValueError(
+            "Multi-process feature extraction needs all processes on one machine (they write one memory-mapped "
+            f"cache); got hosts {sorted({h for h, _, _ in seen})}. Extract on one node, or one process per node."
+        )
+    if len({(f, p) for _, f, p in seen}) > 1:
+        raise ValueError(
+            "The processes disagree on the feature cache: every process must pass the same texts (same order), the "
+            "same model weights (load or seed them identically) and the same `cache_dir`. Got "
+            f"{[(f[:12], p) for _, f, p in seen]}."
+        )
+    if state.is_main_process:
+        cache = _open_cache(path, meta)
+        progress_file = path / PROGRESS_FILE
+        if not cache.complete and not progress_file.exists():
+            flags = np.lib.format.open_memmap(progress_file.with_suffix(".tmp.npy"), "w+", np.uint8,
+                                              (meta["num_batches"],))
+            flags.flush()
+            del flags
+            os.replace(progress_file.with_suffix(".tmp.npy"), progress_file)
+    state.wait_for_everyone()
+    return FeatureCache(path, json.loads((path / "meta.json").read_text()))
+
+
+def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, commit_every: int, progress: bool,
+                   description: str) -> FeatureCache:
+    """This process's share of the pending batches, then (main process) mark the cache complete."""
+    flags = np.load(cache.path / PROGRESS_FILE, mmap_mode="r+")
+    done = np.array(flags, dtype=bool)
+    done[: cache.meta["batches_done"]] = True  # the committed prefix of an interrupted single-process pass
+    pending = np.flatnonzero(~done)
+    state.wait_for_everyone()  # all processes split the same snapshot before any records progress
+    mine = pending[state.process_index :: state.num_processes]
+    started = time.perf_counter()
+    bar = tqdm(total=len(mine), desc=f"{description} [{state.num_processes} processes]",
+               disable=not (progress and state.is_main_process), unit="batch")
+    try:
+        finished = []
+        for step, number in enumerate(mine):
+            write_batch(int(number))
+            finished.append(number)
+            bar.update(1)
+            if (step + 1) % commit_every == 0 or step + 1 == len(mine):
+                for array in arrays.values():
+                    array.flush()
+                flags[finished] = 1  # only after the rows are on disk
+                flags.flush()
+                finished = []
+    finally:
+        bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        missing = np.flatnonzero(~(np.array(flags, dtype=bool) | done))
+        if len(missing):
+            raise RuntimeError(f"Batches {missing[:10].tolist()} were not extracted by any process.")
+        del flags
+        cache.meta["batches_done"] = cache.meta["num_batches"]
+        cache.meta["seconds"] += time.perf_counter() - started
+        cache.save_meta()
+        (cache.path / PROGRESS_FILE).unlink(missing_ok=True)
+    else:
+        del flags
+    state.wait_for_everyone()
+    return FeatureCache(cache.path, json.loads((cache.path / "meta.json").read_text()))

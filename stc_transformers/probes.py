@@ -49,6 +49,7 @@ _POWER_ITERATIONS = 12
 _OPTIMISTIC_START = 0.125  # steps start at 8 / L_global: the local curvature along actual steps is far smaller
 _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
+_CHANGE_MEMORY = 0.9  # the stopping test uses an exponential average of the relative change (~10 iterations)
 
 _NON_FINITE = (
     "{name} contains NaN or infinite values: the features overflowed (typically hidden states extracted in "
@@ -388,6 +389,7 @@ class _State:
     lam: torch.Tensor  # [G, S]
     L: torch.Tensor  # [G, S] current curvature estimate (step = 1 / L)
     t: torch.Tensor  # [G, S] momentum sequence
+    change: torch.Tensor  # [G, S] smoothed relative change of the parameters per iteration
     active: torch.Tensor  # [G, S] still iterating
     converged: torch.Tensor  # [G, S]
     cols: torch.Tensor  # [S] positions of these strengths in the full grid
@@ -424,8 +426,10 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float) -> _State:
     restart = _inner(d_W, d_b, m_W, m_b) < 0  # momentum points against the proximal-gradient step
     t_new = (1 + torch.sqrt(1 + 4 * s.t * s.t)) / 2
     beta = torch.where(restart, torch.zeros_like(s.t), (s.t - 1) / t_new)
-    change = torch.sqrt(torch.maximum(_sq_norm(m_W, m_b), _sq_norm(d_W, d_b)))
-    done = ok & (change <= tol * torch.sqrt(_sq_norm(new_W, new_b)))
+    change = torch.sqrt(_sq_norm(m_W, m_b) / _sq_norm(new_W, new_b).clamp(min=1e-30))
+    change = torch.where(torch.isinf(s.change), change, _CHANGE_MEMORY * s.change + (1 - _CHANGE_MEMORY) * change)
+    change = torch.where(ok, change, s.change)
+    done = ok & (change <= tol)
 
     accepted = None if ok.all() else ok
     Z_x, Z_y = s.Z_x, s.Z_y
@@ -442,6 +446,7 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float) -> _State:
         lam=s.lam,
         L=L,
         t=torch.where(ok, torch.where(restart, torch.ones_like(s.t), t_new), s.t),
+        change=change,
         active=s.active & ~done,
         converged=s.converged | done,
         cols=s.cols,
@@ -458,7 +463,8 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
     Z = ev.logits(W, b)
     running = torch.ones(G, S, dtype=torch.bool, device=W.device)
     L = (L0 * _OPTIMISTIC_START)[:, None].expand(G, S).contiguous()
-    s = _State(W, b, W, b, Z, Z, lam, L, torch.ones_like(lam), running, ~running, torch.arange(S, device=W.device))
+    s = _State(W, b, W, b, Z, Z, lam, L, torch.ones_like(lam), torch.full_like(lam, math.inf), running, ~running,
+               torch.arange(S, device=W.device))
     out_W, out_b, out_converged = W.clone(), b.clone(), ~running
 
     def save(state):

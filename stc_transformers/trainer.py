@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .extraction import check_texts, extract_features
+from .extraction import check_texts, distributed_state, extract_features
 from .metrics import compute_metrics
 from .selection import METRIC_NAMES, SearchSettings, SelectionSearch
 from .tokenization import prepare_tokenizer
@@ -287,13 +287,19 @@ class STCTrainer:
             texts, y = [texts[i] for i in train_rows], y[train_rows]
             validation = "internal split"
         self.encoder.configure(self.model)
-        self.model.to(self.device)
-        extract = dict(max_length=args.token_limit(self.model), batch_size=args.batch_size, progress=args.progress)
+        # under `accelerate launch` / torchrun with several processes: each extracts a share of the batches on its
+        # own device, the main process runs the search, and the others receive its result
+        distributed = distributed_state(self.device)
+        self.model.to(distributed.device if distributed is not None else self.device)
+        extract = dict(max_length=args.token_limit(self.model), batch_size=args.batch_size, progress=args.progress,
+                       accelerator=distributed)
         train_cache = extract_features(self.model, self.tokenizer, texts, self._cache_dir(),
                                        description="Features (train)", **extract)
         val_cache = extract_features(self.model, self.tokenizer, val_texts, self._cache_dir(),
                                      description="Features (validation)", **extract)
         extraction_seconds = time.perf_counter() - started
+        if distributed is not None and not distributed.is_main_process:
+            return self._receive_fit()
         search = SelectionSearch(train_cache, val_cache, y, y_val, self.encoder.task, self.encoder.num_labels,
                                  args.search_settings(self.device))
         result = search.run()
@@ -325,6 +331,27 @@ class STCTrainer:
         self._write_candidates(candidates)
         self.result = STCTrainOutput(chosen["validation_score"], metric, chosen, candidates, seconds,
                                      result.base_score, result.layer_scores)
+        if distributed is not None:
+            self._share_fit((result.selection, result.weight, result.bias, result.mean, result.scale))
+        return self.result
+
+    def _share_fit(self, fitted: tuple):
+        """Main process: send the fit to the other processes (which wait in `_receive_fit`)."""
+        from accelerate.utils import broadcast_object_list
+
+        fitted = tuple(x.cpu() if torch.is_tensor(x) else x for x in fitted)
+        broadcast_object_list([(fitted, self.model.config.fit_summary, self.result, self._validation_outputs.cpu(),
+                                self._validation_texts)])
+
+    def _receive_fit(self) -> STCTrainOutput:
+        """Other processes: take the main process's fit, so every process ends with the same fitted model."""
+        from accelerate.utils import broadcast_object_list
+
+        payload = [None]
+        broadcast_object_list(payload)
+        fitted, summary, self.result, self._validation_outputs, self._validation_texts = payload[0]
+        self.model.config.fit_summary = summary
+        self.model.set_selection(*fitted)
         return self.result
 
     def _write_candidates(self, candidates: list[dict]):
@@ -368,9 +395,13 @@ class STCTrainer:
         """Save model and tokenizer so `pipeline("text-classification", model=output_dir)` works."""
         self._require_fitted()
         output_dir = output_dir or self.args.output_dir
-        self.model.save_pretrained(output_dir)
-        self.tokenizer.save_pretrained(output_dir)
-        (Path(output_dir) / "stc_training_args.json").write_text(json.dumps(asdict(self.args), indent=1))
+        distributed = distributed_state(self.device)
+        if distributed is None or distributed.is_main_process:  # several processes: only the main one writes
+            self.model.save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(output_dir)
+            (Path(output_dir) / "stc_training_args.json").write_text(json.dumps(asdict(self.args), indent=1))
+        if distributed is not None:
+            distributed.wait_for_everyone()
         return output_dir
 
     def push_to_hub(self, repo_id: str, **kwargs):
