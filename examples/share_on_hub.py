@@ -81,13 +81,14 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     # weights + config + modeling files + model card (rewritten with the repository id in its usage snippet)
-    url = model.push_to_hub(repo_id, private=not public, commit_message="Upload STC classifier")
+    commit = model.push_to_hub(repo_id, private=not public, commit_message="Upload STC classifier")
     # the tokenizer files, in a second commit
     with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        huggingface_hub.HfApi().upload_folder(repo_id=repo_id, folder_path=folder, token=token,
-                                              commit_message="Upload tokenizer")
-    print(f"Pushed {checkpoint.relative_to(ROOT)} to https://huggingface.co/{repo_id} ({url})")
+        files = tokenizer.save_pretrained(folder)
+        operations = [huggingface_hub.CommitOperationAdd(path_in_repo=Path(f).name, path_or_fileobj=f) for f in files]
+        huggingface_hub.HfApi().create_commit(repo_id, operations=operations, commit_message="Upload tokenizer",
+                                              token=token)
+    print(f"Pushed {checkpoint.relative_to(ROOT)} to https://huggingface.co/{repo_id} (commit {commit.commit_url})")
     print(f'Try it: pipeline("text-classification", model="{repo_id}", trust_remote_code=True)')
     return 0
 

@@ -10,7 +10,7 @@ Data: the 300-row movie-review sample shipped inside the package (`load_sample_d
 validation / 45 test snippets, negative vs positive); backbone: the real all-MiniLM-L6-v2 (offline package).
 An L1 penalty on the head weights (`l1_strength`) concentrates the weights on fewer neurons before sparsifying.
 
-Run from the repository root (about 1.5 minutes on 2 busy CPU cores):
+Run from the repository root (about 30 seconds on 2 CPU cores):
 
     python examples/trainer_head.py
 """

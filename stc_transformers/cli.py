@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", parents=[common], formatter_class=_Formatter,
         help="classify texts with a fitted checkpoint",
         description="Classify texts with `pipeline(\"text-classification\")` and print one JSON line per text "
-                    "(text, label, score; with --top-k the k best labels). For regression `score` is the "
-                    "predicted value.",
+                    "(text, label, score; with --top-k the k best labels). Multi-label models score every label "
+                    "independently (sigmoid): use --top-k with the number of labels to see them all. For "
+                    "regression `score` is the predicted value.",
         epilog="example:\n\n  stc predict --model outputs/minilm-rt --input reviews.txt --output predictions.jsonl",
     )
     predict.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
@@ -649,7 +650,7 @@ def _read_texts(path_text: str, column: str) -> list[str]:
 
     readers = {".csv": lambda p: pd.read_csv(p, keep_default_na=False, dtype={column: str}),
                ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False, dtype={column: str}),
-               ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": _read_json,
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False), ".json": _read_json,
                ".parquet": pd.read_parquet}
     if suffix not in readers:
         raise CLIError(f"Cannot read {path_text!r}: use a .txt, .csv, .tsv, .json, .jsonl or .parquet file.")
@@ -668,9 +669,9 @@ def _read_json(path):
     import pandas as pd
 
     try:
-        return pd.read_json(path)
+        return pd.read_json(path, dtype=False)
     except ValueError:
-        return pd.read_json(path, lines=True)
+        return pd.read_json(path, lines=True, dtype=False)
 
 
 def cmd_predict(args) -> int:
@@ -726,15 +727,17 @@ def cmd_push(args) -> int:
     if not Path(args.model).expanduser().is_dir():
         raise CLIError(f"Model folder {args.model!r} not found.")
     model, tokenizer = load_stc(args.model)
-    url = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
-                            commit_message=args.commit_message)
-    # The tokenizer goes up in a second commit without a README.md: `tokenizer.push_to_hub` would add transformers'
-    # default model card, replacing the STC card when the Hub cannot hand the new one back yet.
+    commit = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
+                               commit_message=args.commit_message)
+    # The tokenizer files go up in a second commit, without a README.md: `tokenizer.push_to_hub` uploads a card too
+    # (the Hub's copy of the STC card re-saved, or transformers' empty default card when it cannot read one back).
     with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        tokenizer._upload_modified_files(folder, args.repo_id, files_timestamps={}, token=token,
-                                         commit_message="Upload tokenizer")
-    _say(f"Pushed {args.model} to https://huggingface.co/{args.repo_id}" + (f" ({url})" if url else "") + ".")
+        files = tokenizer.save_pretrained(folder)
+        operations = [huggingface_hub.CommitOperationAdd(path_in_repo=Path(f).name, path_or_fileobj=f) for f in files]
+        huggingface_hub.HfApi().create_commit(args.repo_id, operations=operations, token=token,
+                                              commit_message="Upload tokenizer")
+    url = getattr(commit, "commit_url", None)
+    _say(f"Pushed {args.model} to https://huggingface.co/{args.repo_id}" + (f" (commit {url})" if url else "") + ".")
     _say(f"Use it with pipeline(\"text-classification\", model=\"{args.repo_id}\", trust_remote_code=True), or "
          "without trust_remote_code after `import stc_transformers`.")
     return 0

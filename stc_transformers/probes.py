@@ -17,17 +17,20 @@ return two.
 
 Solver:
 
-* all (group, strength) problems advance together; one iteration costs two batched products, ``X @ W`` and
+* all (group, strength) problems advance together; one iteration costs two batched products, ``X @ W^T`` and
   ``R^T @ X``, because logits are carried between iterations and updated by linearity;
-* each problem has its own step ``1/L``: ``L`` starts from a power-iteration estimate of the Lipschitz
-  constant of its group and is adapted by backtracking (doubled when the sufficient-decrease test fails,
-  shrunk by 10% after each accepted step). The test uses a cancellation-free Bregman divergence, so it stays
-  reliable in float32 close to the optimum;
+* each problem has its own step ``1/L``. ``L`` starts at 1/8 of a power-iteration estimate of the global
+  Lipschitz constant of its group (steps along actual descent directions meet far less curvature than the
+  worst case) and is adapted by backtracking: doubled when the sufficient-decrease test fails, shrunk by 5%
+  after each accepted step, capped at twice the global estimate. The test uses a cancellation-free Bregman
+  divergence, so it stays reliable in float32 close to the optimum;
 * momentum restarts per problem whenever it points against the proximal-gradient step;
-* a problem stops once the relative change of its parameters is below ``tol``; strengths finished in every
-  group leave the batch, so late iterations only pay for the problems still running;
-* with row chunking (large ``n``) logits are recomputed per chunk instead of stored: the same iterates, with
-  temporary memory bounded by one chunk;
+* a problem has converged once the relative change of its parameters (``||x_k+1 - x_k|| / ||x_k+1||``) stayed
+  below ``tol`` for 10 consecutive steps; a single small step is not enough, since the step right after a
+  momentum restart is typically 10-100x shorter than the ones around it. Strengths converged in every group
+  leave the batch, so late iterations only pay for the problems still running;
+* with row chunking (large ``n``) logits are recomputed per chunk instead of stored: the same iterates (up to
+  rounding), with temporary memory bounded by one chunk;
 * binary single-label problems are solved as one sigmoid output ``v`` and returned as ``W = [-v/2, v/2]``,
   an exact minimiser of the two-output softmax objective (same loss, same penalty) at half the cost.
 """
@@ -46,10 +49,11 @@ TASKS = ("single_label_classification", "multi_label_classification", "regressio
 _CURVATURE = {"softmax": 0.5, "sigmoid": 0.25, "squared": 1.0}  # global bounds on each loss's Hessian
 _AUTO_CHUNK_ELEMENTS = 1 << 25  # logits (n * G * S * C) above which the data are processed in row chunks
 _POWER_ITERATIONS = 12
-_OPTIMISTIC_START = 0.125  # steps start at 8 / L_global: the local curvature along actual steps is far smaller
+_OPTIMISTIC_START = 0.125  # first steps are 8 / L_global; backtracking doubles L where that is too long
 _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
-_CHANGE_MEMORY = 0.9  # the stopping test uses an exponential average of the relative change (~10 iterations)
+_CAP = 2.0  # L never exceeds twice the power-iteration estimate of the global Lipschitz constant
+_QUIET_STEPS = 10  # a problem stops after this many consecutive steps with a relative change below tol
 
 _NON_FINITE = (
     "{name} contains NaN or infinite values: the features overflowed (typically hidden states extracted in "
@@ -117,17 +121,17 @@ def _mask_tensor(feature_mask, X: torch.Tensor):
 
 @dataclass
 class _Problem:
-    """The internal problem: features, float targets [n, K], loss kind, feature mask."""
+    """The internal problem: features, float targets [K, n], loss kind, feature mask."""
 
     X: torch.Tensor  # [G, n, d]
-    target: torch.Tensor  # [n, K] (one-hot for softmax)
+    target: torch.Tensor  # [K, n] (one-hot columns for softmax)
     loss: str  # "softmax" | "sigmoid" | "squared"
     mask: torch.Tensor | None  # [G, d] in {0, 1}
     binary: bool  # single-label with two classes, solved as one sigmoid output
 
     @property
     def K(self) -> int:
-        return self.target.shape[1]
+        return self.target.shape[0]
 
 
 def _make_problem(X, Y, task, feature_mask=None, num_classes=None) -> _Problem:
@@ -144,12 +148,13 @@ def _make_problem(X, Y, task, feature_mask=None, num_classes=None) -> _Problem:
         if Y.min() < 0 or Y.max() >= C:
             raise ValueError(f"class ids must lie in [0, {C})")
         if C == 2:
-            return _Problem(X, (Y == 1).to(X.dtype)[:, None], "sigmoid", mask, binary=True)
-        return _Problem(X, F.one_hot(Y, C).to(X.dtype), "softmax", mask, binary=False)
+            return _Problem(X, (Y == 1).to(X.dtype)[None], "sigmoid", mask, binary=True)
+        return _Problem(X, F.one_hot(Y, C).to(X.dtype).T.contiguous(), "softmax", mask, binary=False)
     Y = Y.to(X.dtype)
     Y = Y[:, None] if Y.dim() == 1 else Y
     check_finite(Y, "Y")
-    return _Problem(X, Y, "sigmoid" if task == "multi_label_classification" else "squared", mask, binary=False)
+    loss = "sigmoid" if task == "multi_label_classification" else "squared"
+    return _Problem(X, Y.T.contiguous(), loss, mask, binary=False)
 
 
 def _internal_strengths(strengths, problem: _Problem, penalty: str) -> torch.Tensor:
@@ -183,7 +188,7 @@ def _to_public(W: torch.Tensor, b: torch.Tensor, problem: _Problem):
 
 def _intercept_only(problem: _Problem) -> torch.Tensor:
     """Optimal bias [G, K] of the model whose weights are all zero."""
-    mean = problem.target.mean(0)
+    mean = problem.target.mean(1)
     if problem.loss == "softmax":
         b = mean.clamp(min=1e-12).log()
         b = b - b.mean()
@@ -199,19 +204,21 @@ def _intercept_only(problem: _Problem) -> torch.Tensor:
 
 
 def _logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Z = X @ W^T + b: X [G, m, d], W [G, S, K, d], b [G, S, K] -> [G, m, S, K]."""
+    """Z = W @ X^T + b: X [G, m, d], W [G, S, K, d], b [G, S, K] -> [G, S, K, m].
+
+    Samples are the last (contiguous) axis so that reductions over the K outputs vectorise over samples.
+    """
     G, S, K, d = W.shape
-    Z = torch.baddbmm(b.reshape(G, 1, S * K), X, W.reshape(G, S * K, d).transpose(1, 2))
-    return Z.view(G, X.shape[1], S, K)
+    Z = torch.baddbmm(b.reshape(G, 1, S * K), X, W.reshape(G, S * K, d).transpose(1, 2))  # [G, m, S * K]
+    return Z.transpose(1, 2).contiguous().view(G, S, K, X.shape[1])
 
 
 def _residual(Z: torch.Tensor, T: torch.Tensor, loss: str):
-    """``(R, P)``: dLoss/dZ [G, m, S, K] and the probabilities that `_bregman` needs (None if squared)."""
-    T = T[None, :, None, :]
+    """``(R, P)``: dLoss/dZ [G, S, K, m] and the probabilities that `_bregman` needs (None if squared)."""
     if loss == "softmax":
-        P = Z - Z.amax(-1, keepdim=True)
+        P = Z - Z.amax(2, keepdim=True)
         P = P.exp_()
-        P /= P.sum(-1, keepdim=True)
+        P /= P.sum(2, keepdim=True)
     elif loss == "sigmoid":
         P = torch.sigmoid(Z)
     else:
@@ -220,34 +227,33 @@ def _residual(Z: torch.Tensor, T: torch.Tensor, loss: str):
 
 
 def _loss(Z: torch.Tensor, T: torch.Tensor, loss: str) -> torch.Tensor:
-    """Summed loss [G, S] of logits Z [G, m, S, K] against targets T [m, K]."""
-    T = T[None, :, None, :]
+    """Summed loss [G, S] of logits Z [G, S, K, m] against targets T [K, m]."""
     if loss == "softmax":
-        per = torch.logsumexp(Z, -1) - (Z * T).sum(-1)
+        per = torch.logsumexp(Z, 2) - (Z * T).sum(2)
     elif loss == "sigmoid":
-        per = (F.softplus(Z) - T * Z).sum(-1)
+        per = (F.softplus(Z) - T * Z).sum(2)
     else:
-        per = (Z - T).square().sum(-1) / 2
-    return per.sum(1)
+        per = (Z - T).square().sum(2) / 2
+    return per.sum(-1)
 
 
 def _bregman(Z: torch.Tensor, P, dZ: torch.Tensor, loss: str) -> torch.Tensor:
-    """Summed ``loss(Z + dZ) - loss(Z) - <loss'(Z), dZ>`` [G, S], evaluated without cancellation.
+    """Summed ``loss(Z + dZ) - loss(Z) - <loss'(Z), dZ>`` [G, S] for Z, dZ [G, S, K, m], without cancellation.
 
     The targets drop out of this quantity. Written as sums of non-negative terms (``expm1(u) - u >= 0``) it
     keeps full relative accuracy for tiny steps, where a difference of two float32 losses would be noise.
     A huge step overflows ``expm1`` to inf (or NaN), which fails the sufficient-decrease test, as it should.
     """
     if loss == "squared":
-        return dZ.square().sum((1, 3)) / 2
+        return dZ.square().sum((2, 3)) / 2
     if loss == "sigmoid":  # a two-class softmax over logits (0, z), with 1 - p computed accurately
         Q = torch.sigmoid(-Z)
         u0, u1 = -P * dZ, Q * dZ
         per = (torch.expm1(u0) - u0).mul_(Q) + (torch.expm1(u1) - u1).mul_(P)
     else:
-        u = dZ - (P * dZ).sum(-1, keepdim=True)
-        per = (torch.expm1(u) - u).mul_(P).sum(-1, keepdim=True)
-    return per.log1p_().sum((1, 3))  # inf or NaN if expm1 overflowed: the step is then rejected
+        u = dZ - (P * dZ).sum(2, keepdim=True)
+        per = (torch.expm1(u) - u).mul_(P).sum(2, keepdim=True)
+    return per.log1p_().sum((2, 3))  # inf or NaN if expm1 overflowed: the step is then rejected
 
 
 # ---------------------------------------------------------------------------------------- lambda_max and L
@@ -263,8 +269,8 @@ def _zero_weight_gradient(problem: _Problem) -> torch.Tensor:
     grad = X.new_zeros(G, problem.K, d)
     for start in range(0, n, chunk):
         Xc = X[:, start : start + chunk]
-        R, _ = _residual(_logits(Xc, W, b), problem.target[start : start + chunk], problem.loss)
-        grad.baddbmm_(R[:, :, 0].transpose(1, 2), Xc)
+        R, _ = _residual(_logits(Xc, W, b), problem.target[:, start : start + chunk], problem.loss)
+        grad.baddbmm_(R[:, 0], Xc)
     if not torch.isfinite(grad).all():
         raise ValueError(_NON_FINITE.format(name="X"))
     grad /= n
@@ -326,7 +332,7 @@ class _Evaluator:
 
     def _chunks(self):
         for start in range(0, self.n, self.chunk):
-            yield self.p.X[:, start : start + self.chunk], self.p.target[start : start + self.chunk]
+            yield self.p.X[:, start : start + self.chunk], self.p.target[:, start : start + self.chunk]
 
     def logits(self, W, b):
         """Logits on all rows (unchunked mode), else None."""
@@ -339,8 +345,8 @@ class _Evaluator:
         parts = [(self.p.X, self.p.target)] if self.full else self._chunks()
         for Xc, Tc in parts:
             R, P = _residual(Z if self.full else _logits(Xc, W, b), Tc, self.p.loss)
-            gb += R.sum(1)
-            gW.baddbmm_(R.reshape(G, Xc.shape[1], S * K).transpose(1, 2), Xc)
+            gb += R.sum(-1)
+            gW.baddbmm_(R.view(G, S * K, Xc.shape[1]), Xc)
         return gW.view(G, S, K, d) / self.n, gb / self.n, P if self.full else None
 
     def bregman(self, W, b, W_new, b_new, Z=None, Z_new=None, P=None):
@@ -352,7 +358,7 @@ class _Evaluator:
         total = W.new_zeros(W.shape[:2])
         for Xc, Tc in self._chunks():  # one product gives the logits at (W, b) and their change
             Zc = _logits(Xc, both_W, both_b)
-            Z0, dZ = Zc[:, :, :S], Zc[:, :, S:]
+            Z0, dZ = Zc[:, :S], Zc[:, S:]
             total += _bregman(Z0, _residual(Z0, Tc, self.p.loss)[1], dZ, self.p.loss)
         return total / self.n
 
@@ -378,40 +384,43 @@ def _inner(W1, b1, W2, b2) -> torch.Tensor:
 
 @dataclass
 class _State:
-    """Solver state of the strengths still in the batch (axis 1 is the strength axis, except for Z and cols)."""
+    """Solver state of the strengths still in the batch (axis 1 is the strength axis, except for cols)."""
 
     x_W: torch.Tensor
     x_b: torch.Tensor
     y_W: torch.Tensor
     y_b: torch.Tensor
-    Z_x: torch.Tensor | None  # logits at x and y, stored in unchunked mode: [G, n, S, K]
+    Z_x: torch.Tensor | None  # logits at x and y, stored in unchunked mode: [G, S, K, n]
     Z_y: torch.Tensor | None
     lam: torch.Tensor  # [G, S]
     L: torch.Tensor  # [G, S] current curvature estimate (step = 1 / L)
     t: torch.Tensor  # [G, S] momentum sequence
-    change: torch.Tensor  # [G, S] smoothed relative change of the parameters per iteration
-    active: torch.Tensor  # [G, S] still iterating
-    converged: torch.Tensor  # [G, S]
+    L_cap: torch.Tensor  # [G, S] safe global bound on L
+    steps: torch.Tensor  # [G, S] accepted steps so far
+    quiet: torch.Tensor  # [G, S] consecutive accepted steps with a relative change below tol
+    active: torch.Tensor  # [G, S] not converged yet
     cols: torch.Tensor  # [S] positions of these strengths in the full grid
 
     def select(self, keep: torch.Tensor) -> "_State":
         """Keep only the strengths at positions ``keep``."""
-        axis = {"Z_x": 2, "Z_y": 2, "cols": 0}
-        fields = {k: None if v is None else v.index_select(axis.get(k, 1), keep) for k, v in vars(self).items()}
+        fields = {k: None if v is None else v.index_select(0 if k == "cols" else 1, keep) for k, v in vars(self).items()}
         return _State(**fields)
 
 
-def _blend(ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    """``new`` where the step was accepted (``ok`` [G, S] along dims 0 and ``axis``), else ``old``."""
-    if ok is None:  # every problem accepted its step
-        return new
-    shape = [ok.shape[0]] + [1] * (new.dim() - 1)
-    shape[axis] = ok.shape[1]
-    return torch.where(ok.view(shape), new, old)
+def _restore(new: torch.Tensor, old: torch.Tensor, rejected) -> torch.Tensor:
+    """Put ``old`` back into ``new`` (in place) for the problems ``rejected`` (index pair into [G, S]) or None."""
+    if rejected is not None:
+        new[rejected] = old[rejected]
+    return new
 
 
-def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float) -> _State:
-    """One batched FISTA iteration with per-problem backtracking and gradient-based momentum restart."""
+def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
+    """One batched FISTA iteration with per-problem backtracking and gradient-based momentum restart.
+
+    Returns the new state and ``done`` [G, S]: the problems that just converged (their ``x`` is the result).
+    Problems that converged earlier keep iterating while their strength is still in the batch (cheaper than
+    freezing them); their results were recorded when they converged.
+    """
     g_W, g_b, P = ev.gradient(s.y_W, s.y_b, s.Z_y)
     step = 1 / s.L
     new_W = _prox(s.y_W - g_W * step[:, :, None, None], s.lam * step, penalty, ev.p.mask)
@@ -419,38 +428,41 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float) -> _State:
     d_W, d_b = new_W - s.y_W, new_b - s.y_b
     Z_new = ev.logits(new_W, new_b)
     gap = ev.bregman(s.y_W, s.y_b, new_W, new_b, s.Z_y, Z_new, P)
-    ok = s.active & (gap <= 0.5 * s.L * _sq_norm(d_W, d_b) * (1 + 1e-6))
-    L = torch.where(ok, s.L * _STEP_GROWTH, torch.where(s.active, s.L * _STEP_BACKOFF, s.L))
+    # sufficient decrease; at the cap (a global Lipschitz bound) only rounding can fail the test: accept
+    ok = (gap <= 0.5 * s.L * _sq_norm(d_W, d_b) * (1 + 1e-6)) | (s.L >= s.L_cap)
+    L = torch.where(ok, s.L * _STEP_GROWTH, s.L * _STEP_BACKOFF).minimum(s.L_cap)
 
     m_W, m_b = new_W - s.x_W, new_b - s.x_b
     restart = _inner(d_W, d_b, m_W, m_b) < 0  # momentum points against the proximal-gradient step
     t_new = (1 + torch.sqrt(1 + 4 * s.t * s.t)) / 2
     beta = torch.where(restart, torch.zeros_like(s.t), (s.t - 1) / t_new)
-    change = torch.sqrt(_sq_norm(m_W, m_b) / _sq_norm(new_W, new_b).clamp(min=1e-30))
-    change = torch.where(torch.isinf(s.change), change, _CHANGE_MEMORY * s.change + (1 - _CHANGE_MEMORY) * change)
-    change = torch.where(ok, change, s.change)
-    done = ok & (change <= tol)
+    small = _sq_norm(m_W, m_b) <= tol * tol * _sq_norm(new_W, new_b)  # relative change below tol
+    steps = s.steps + ok
+    quiet = torch.where(ok, torch.where(small, s.quiet + 1, torch.zeros_like(s.quiet)), s.quiet)
+    done = s.active & ok & (quiet >= steps.clamp(max=_QUIET_STEPS))
 
-    accepted = None if ok.all() else ok
+    rejected = None if ok.all() else (~ok).nonzero(as_tuple=True)  # these keep their x, y (and logits)
     Z_x, Z_y = s.Z_x, s.Z_y
     if Z_new is not None:  # logits at the extrapolated point, by linearity
-        Z_y = _blend(accepted, torch.lerp(Z_x, Z_new, (1 + beta)[:, None, :, None]), Z_y, axis=2)
-        Z_x = _blend(accepted, Z_new, Z_x, axis=2)
-    return _State(
-        x_W=_blend(accepted, new_W, s.x_W),
-        x_b=_blend(accepted, new_b, s.x_b),
-        y_W=_blend(accepted, new_W + beta[:, :, None, None] * m_W, s.y_W),
-        y_b=_blend(accepted, new_b + beta[:, :, None] * m_b, s.y_b),
+        Z_y = _restore(torch.lerp(Z_x, Z_new, (1 + beta)[:, :, None, None]), Z_y, rejected)
+        Z_x = _restore(Z_new, Z_x, rejected)
+    state = _State(
+        y_W=_restore(new_W + beta[:, :, None, None] * m_W, s.y_W, rejected),
+        y_b=_restore(new_b + beta[:, :, None] * m_b, s.y_b, rejected),
+        x_W=_restore(new_W, s.x_W, rejected),
+        x_b=_restore(new_b, s.x_b, rejected),
         Z_x=Z_x,
         Z_y=Z_y,
         lam=s.lam,
         L=L,
+        L_cap=s.L_cap,
         t=torch.where(ok, torch.where(restart, torch.ones_like(s.t), t_new), s.t),
-        change=change,
+        steps=steps,
+        quiet=quiet,
         active=s.active & ~done,
-        converged=s.converged | done,
         cols=s.cols,
     )
+    return state, done
 
 
 def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
@@ -461,27 +473,30 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
     G, S = lam.shape
     W = _prox(W.clone(), torch.zeros_like(lam), penalty, ev.p.mask)  # masks the starting point
     Z = ev.logits(W, b)
-    running = torch.ones(G, S, dtype=torch.bool, device=W.device)
-    L = (L0 * _OPTIMISTIC_START)[:, None].expand(G, S).contiguous()
-    s = _State(W, b, W, b, Z, Z, lam, L, torch.ones_like(lam), torch.full_like(lam, math.inf), running, ~running,
-               torch.arange(S, device=W.device))
-    out_W, out_b, out_converged = W.clone(), b.clone(), ~running
+    L = L0[:, None].expand(G, S).contiguous()
+    zeros = torch.zeros(G, S, dtype=torch.long, device=W.device)
+    s = _State(W, b, W, b, Z, Z, lam, L * _OPTIMISTIC_START, torch.ones_like(lam), L * _CAP, zeros, zeros,
+               zeros == 0, torch.arange(S, device=W.device))
+    out_W, out_b, converged = W.clone(), b.clone(), zeros != 0
 
-    def save(state):
-        out_W[:, state.cols], out_b[:, state.cols], out_converged[:, state.cols] = (
-            state.x_W, state.x_b, state.converged)
+    def record(state: _State, which: torch.Tensor) -> None:  # store x of the problems in `which` [G, S]
+        g, s_ = which.nonzero(as_tuple=True)
+        out_W[g, state.cols[s_]], out_b[g, state.cols[s_]] = state.x_W[g, s_], state.x_b[g, s_]
 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        s = _fista_step(ev, s, penalty, tol)
-        running = s.active.any(0)
-        if not running.all():
-            save(s)
+        s, done = _fista_step(ev, s, penalty, tol)
+        if done.any():
+            record(s, done)
+            converged[:, s.cols] |= done
+            running = s.active.any(0)
             if not running.any():
                 break
-            s = s.select(running.nonzero().squeeze(1))
-    save(s)
-    return out_W, out_b, n_iter, out_converged
+            if not running.all():
+                s = s.select(running.nonzero().squeeze(1))
+    else:
+        record(s, s.active)
+    return out_W, out_b, n_iter, converged
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -494,7 +509,11 @@ def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None,
     ``X`` [G, n, d] is never modified. ``Y``: class ids [n] (single-label), {0, 1} [n, C] (multi-label) or
     targets [n] / [n, C] (regression). ``strengths`` [S] or [G, S]. ``feature_mask`` [G, d] bool forces zero
     weight on masked-out features. ``init``: a ProbeFit of the same shapes to warm-start from. ``chunk_size``:
-    rows per chunk of the data passes (default: no chunking unless the logits would be large).
+    rows per chunk of the data passes (default: no chunking unless the logits would be large). ``num_classes``
+    (single-label) defaults to ``Y.max() + 1``.
+
+    Returns weights [G, S, d, C], biases [G, S, C], the iterations run and which problems met ``tol`` within
+    ``max_iter`` (the others return their last iterate).
     """
     if penalty not in ("l1", "l2"):
         raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
@@ -528,23 +547,23 @@ def predict_probes(X, fit: ProbeFit, feature_mask=None) -> torch.Tensor:
     Z = _logits(X, W.contiguous(), fit.bias.to(X))
     if not torch.isfinite(Z).all():
         raise ValueError(_NON_FINITE.format(name="X"))
-    return Z.permute(0, 2, 1, 3).contiguous()
+    return Z.transpose(2, 3).contiguous()
 
 
 def probe_objective(X, Y, task, fit: ProbeFit, strengths, *, penalty="l1") -> torch.Tensor:
     """Objective value [G, S] (mean loss + penalty) of ``fit``, e.g. to compare with another solver."""
     _check_task(task)
-    Z = predict_probes(X, fit).permute(0, 2, 1, 3)  # [G, n, S, C]
+    Z = predict_probes(X, fit).transpose(2, 3)  # [G, S, C, n]
     Y = torch.as_tensor(Y, device=Z.device)
     if task == "single_label_classification":
-        target, loss = F.one_hot(Y.reshape(-1).long(), Z.shape[-1]).to(Z), "softmax"
+        target, loss = F.one_hot(Y.reshape(-1).long(), Z.shape[2]).to(Z).T, "softmax"
     else:
-        target = Y.to(Z)[:, None] if Y.dim() == 1 else Y.to(Z)
+        target = (Y.to(Z)[:, None] if Y.dim() == 1 else Y.to(Z)).T
         loss = "sigmoid" if task == "multi_label_classification" else "squared"
     lam = torch.as_tensor(strengths, dtype=Z.dtype, device=Z.device)
     W = fit.weight.to(Z)
     size = W.abs().sum((2, 3)) if penalty == "l1" else W.square().sum((2, 3)) / 2
-    return _loss(Z, target, loss) / Z.shape[1] + lam * size
+    return _loss(Z, target, loss) / Z.shape[-1] + lam * size
 
 
 def score_predictions(outputs: torch.Tensor, Y, task) -> torch.Tensor:

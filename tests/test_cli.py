@@ -216,10 +216,12 @@ def test_report_prints_summary_and_writes_plots(fitted, capsys, tmp_path):
         assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
 
 
-def test_fit_with_internal_split_subsample_and_builtin_sample(backbone, capsys, tmp_path):
-    """The shipped sample through its built-in name; --max-train-samples; no validation split in a single file."""
+def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sample(backbone, capsys, tmp_path):
+    """A single file has no validation split (seeded internal split); --max-train-samples; then `evaluate` on the
+    shipped sample through its built-in name (same label names: negative / positive)."""
     texts, labels = synthetic_texts(120, 2, seed=4)
-    file = write_jsonl(tmp_path / "all.jsonl", [{"text": t, "label": NAMES[y]} for t, y in zip(texts, labels)])
+    names = ["negative", "positive"]
+    file = write_jsonl(tmp_path / "all.jsonl", [{"text": t, "label": names[y]} for t, y in zip(texts, labels)])
     code, out, err = run(capsys, "fit", "--model", backbone, "--data", file, "--output-dir", tmp_path / "out",
                          "--max-train-samples", "100", "--sources", "hidden", "--poolings", "mean", *FAST)
     assert code == 0, err
@@ -227,6 +229,11 @@ def test_fit_with_internal_split_subsample_and_builtin_sample(backbone, capsys, 
     assert metrics["validation"] == "internal split" and metrics["num_train"] + metrics["num_validation"] == 100
     assert metrics["test_metrics"] is None and "No test split" in out
     assert metrics["chosen"]["sources"] == ["hidden"] and metrics["chosen"]["poolings"] == ["mean"]
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", "sample",
+                         "--max-eval-samples", "20")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["split"] == "test" and result["num_texts"] == 20 and 0 <= result["metrics"]["accuracy"] <= 1
 
 
 def test_fit_multi_label_and_regression(backbone, capsys, tmp_path):

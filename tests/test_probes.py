@@ -184,15 +184,25 @@ def test_warm_start_converges_faster_to_the_same_solution():
     assert again.n_iter <= 3
 
 
-def test_chunked_equals_unchunked_and_is_deterministic():
-    X, y = make_data(n=300, classes=3, groups=2, seed=11)
+@pytest.mark.parametrize("task", TASKS)
+def test_chunked_equals_unchunked_and_is_deterministic(task):
+    X, y = make_data(n=300, classes=3 if task == SINGLE else 1, groups=2, seed=11)
+    Y = {SINGLE: y, MULTI: torch.stack([y > 0, y > 0.7], 1).double(), REGRESSION: y}[task]
     strengths = torch.tensor([0.004, 0.02])
-    whole = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150)
-    chunked = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150, chunk_size=64)
+    whole = fit_linear_probes(X, Y, task, strengths, max_iter=150)
+    chunked = fit_linear_probes(X, Y, task, strengths, max_iter=150, chunk_size=64)
     torch.testing.assert_close(chunked.weight, whole.weight, atol=1e-8, rtol=1e-6)
-    assert chunked.n_iter == whole.n_iter
-    again = fit_linear_probes(X, y, SINGLE, strengths, max_iter=150)
+    assert chunked.n_iter == whole.n_iter and torch.equal(chunked.converged, whole.converged)
+    again = fit_linear_probes(X, Y, task, strengths, max_iter=150)
     assert torch.equal(again.weight, whole.weight) and torch.equal(again.bias, whole.bias)
+
+
+def test_unconverged_problems_are_reported():
+    X, y = make_data(classes=3)
+    fit = fit_linear_probes(X, y, SINGLE, torch.tensor([1e-4, 10.0]), max_iter=5)
+    assert fit.n_iter == 5
+    assert fit.converged.tolist() == [[False, True]]  # the huge strength is solved by the zero start
+    assert (fit.weight[0, 1] == 0).all()
 
 
 def test_float32_inputs_are_left_untouched_and_fit_well():
