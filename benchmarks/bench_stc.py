@@ -32,7 +32,6 @@ from stc_transformers.extraction import extract_features
 from stc_transformers.metrics import compute_metrics
 from stc_transformers.probes import fit_linear_probes, predict_probes
 from stc_transformers.selection import block_statistics
-from stc_transformers.trainer import LabelEncoder
 
 
 def subsample(split, limit, seed):
