@@ -53,6 +53,7 @@ _OPTIMISTIC_START = 0.125  # first steps are 8 / L_global; backtracking doubles 
 _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
 _CAP = 2.0  # L never exceeds twice the power-iteration estimate of the global Lipschitz constant
+_BETA = lambda t, t_new: (t - 1) / t_new
 _QUIET_STEPS = 10  # a problem stops after this many consecutive steps with a relative change below tol
 
 _NON_FINITE = (
@@ -203,27 +204,62 @@ def _intercept_only(problem: _Problem) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- losses
 
 
-def _logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+class _Scratch:
+    """A pool of reusable work tensors, keyed by shape.
+
+    The solver allocates a dozen logit-sized temporaries per iteration; fresh allocations of that size are
+    page-faulted in by the CPU allocator every time, which costs as much as the arithmetic. Tensors handed back
+    with `give` must no longer be used by the caller.
+    """
+
+    def __init__(self):
+        self.free: dict = {}
+
+    def take(self, shape, like: torch.Tensor) -> torch.Tensor:
+        stack = self.free.get((tuple(shape), like.dtype, like.device))
+        return stack.pop() if stack else torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+
+    def give(self, *tensors) -> None:
+        for t in tensors:
+            if t is not None:
+                stack = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+                if all(t is not other for other in stack):
+                    stack.append(t)
+
+    def clear(self) -> None:
+        self.free.clear()
+
+
+def _logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, scratch: _Scratch | None = None) -> torch.Tensor:
     """Z = W @ X^T + b: X [G, m, d], W [G, S, K, d], b [G, S, K] -> [G, S, K, m].
 
     Samples are the last (contiguous) axis so that reductions over the K outputs vectorise over samples.
     """
+    scratch = scratch or _Scratch()
     G, S, K, d = W.shape
-    Z = torch.baddbmm(b.reshape(G, 1, S * K), X, W.reshape(G, S * K, d).transpose(1, 2))  # [G, m, S * K]
-    return Z.transpose(1, 2).contiguous().view(G, S, K, X.shape[1])
+    m = X.shape[1]
+    XW = scratch.take((G, m, S * K), X)  # X @ W^T is the faster product; transposed into Z below
+    torch.baddbmm(b.reshape(G, 1, S * K), X, W.reshape(G, S * K, d).transpose(1, 2), out=XW)
+    Z = scratch.take((G, S, K, m), X)
+    Z.view(G, S * K, m).copy_(XW.transpose(1, 2))
+    scratch.give(XW)
+    return Z
 
 
-def _residual(Z: torch.Tensor, T: torch.Tensor, loss: str):
+def _residual(Z: torch.Tensor, T: torch.Tensor, loss: str, scratch: _Scratch):
     """``(R, P)``: dLoss/dZ [G, S, K, m] and the probabilities that `_bregman` needs (None if squared)."""
+    R = scratch.take(Z.shape, Z)
+    if loss == "squared":
+        return torch.sub(Z, T, out=R), None
+    P = scratch.take(Z.shape, Z)
     if loss == "softmax":
-        P = Z - Z.amax(2, keepdim=True)
-        P = P.exp_()
-        P /= P.sum(2, keepdim=True)
-    elif loss == "sigmoid":
-        P = torch.sigmoid(Z)
+        top = scratch.take(Z.shape[:2] + (1,) + Z.shape[3:], Z)
+        torch.sub(Z, torch.amax(Z, 2, keepdim=True, out=top), out=P).exp_()
+        P.div_(torch.sum(P, 2, keepdim=True, out=top))
+        scratch.give(top)
     else:
-        return Z - T, None
-    return P - T, P
+        torch.sigmoid(Z, out=P)
+    return torch.sub(P, T, out=R), P
 
 
 def _loss(Z: torch.Tensor, T: torch.Tensor, loss: str) -> torch.Tensor:
@@ -237,23 +273,31 @@ def _loss(Z: torch.Tensor, T: torch.Tensor, loss: str) -> torch.Tensor:
     return per.sum(-1)
 
 
-def _bregman(Z: torch.Tensor, P, dZ: torch.Tensor, loss: str) -> torch.Tensor:
+def _bregman(Z: torch.Tensor, P, dZ: torch.Tensor, loss: str, scratch: _Scratch) -> torch.Tensor:
     """Summed ``loss(Z + dZ) - loss(Z) - <loss'(Z), dZ>`` [G, S] for Z, dZ [G, S, K, m], without cancellation.
 
     The targets drop out of this quantity. Written as sums of non-negative terms (``expm1(u) - u >= 0``) it
     keeps full relative accuracy for tiny steps, where a difference of two float32 losses would be noise.
     A huge step overflows ``expm1`` to inf (or NaN), which fails the sufficient-decrease test, as it should.
+    ``dZ`` is overwritten.
     """
     if loss == "squared":
-        return dZ.square().sum((2, 3)) / 2
-    if loss == "sigmoid":  # a two-class softmax over logits (0, z), with 1 - p computed accurately
-        Q = torch.sigmoid(-Z)
-        u0, u1 = -P * dZ, Q * dZ
-        per = (torch.expm1(u0) - u0).mul_(Q) + (torch.expm1(u1) - u1).mul_(P)
+        return dZ.square_().sum((2, 3)) / 2
+    a, b = scratch.take(Z.shape, Z), scratch.take(Z.shape, Z)
+    if loss == "sigmoid":  # a two-class softmax over logits (0, z): u = (-p dz, q dz) with q = 1 - p accurately
+        Q = torch.neg(Z, out=scratch.take(Z.shape, Z)).sigmoid_()
+        u0 = torch.mul(P, dZ, out=a).neg_()
+        per = torch.expm1(u0, out=b).sub_(u0).mul_(Q)
+        u1 = dZ.mul_(Q)
+        per += torch.expm1(u1, out=a).sub_(u1).mul_(P)
+        scratch.give(Q)
     else:
-        u = dZ - (P * dZ).sum(2, keepdim=True)
-        per = (torch.expm1(u) - u).mul_(P).sum(2, keepdim=True)
-    return per.log1p_().sum((2, 3))  # inf or NaN if expm1 overflowed: the step is then rejected
+        mean = scratch.take(Z.shape[:2] + (1,) + Z.shape[3:], Z)
+        u = dZ.sub_(torch.sum(torch.mul(P, dZ, out=a), 2, keepdim=True, out=mean))
+        per = torch.sum(torch.expm1(u, out=a).sub_(u).mul_(P), 2, keepdim=True, out=mean)
+    value = per.log1p_().sum((2, 3))  # inf or NaN if expm1 overflowed: the step is then rejected
+    scratch.give(a, b, per)
+    return value
 
 
 # ---------------------------------------------------------------------------------------- lambda_max and L
@@ -267,9 +311,10 @@ def _zero_weight_gradient(problem: _Problem) -> torch.Tensor:
     b = _intercept_only(problem)[:, None, :].contiguous()
     chunk = _default_chunk(problem, 1)
     grad = X.new_zeros(G, problem.K, d)
+    scratch = _Scratch()
     for start in range(0, n, chunk):
         Xc = X[:, start : start + chunk]
-        R, _ = _residual(_logits(Xc, W, b), problem.target[:, start : start + chunk], problem.loss)
+        R, _ = _residual(_logits(Xc, W, b), problem.target[:, start : start + chunk], problem.loss, scratch)
         grad.baddbmm_(R[:, 0], Xc)
     if not torch.isfinite(grad).all():
         raise ValueError(_NON_FINITE.format(name="X"))
@@ -329,6 +374,7 @@ class _Evaluator:
         self.n = problem.X.shape[1]
         self.chunk = min(max(1, int(chunk_size)), self.n)
         self.full = self.chunk == self.n  # logits are stored between iterations only then
+        self.scratch = _Scratch()
 
     def _chunks(self):
         for start in range(0, self.n, self.chunk):
@@ -336,30 +382,39 @@ class _Evaluator:
 
     def logits(self, W, b):
         """Logits on all rows (unchunked mode), else None."""
-        return _logits(self.p.X, W, b) if self.full else None
+        return _logits(self.p.X, W, b, self.scratch) if self.full else None
 
     def gradient(self, W, b, Z=None):
         """``(gW, gb, P)`` at (W, b); Z are its logits and P its probabilities (unchunked mode only)."""
         G, S, K, d = W.shape
-        gW, gb, P = W.new_zeros(G, S * K, d), W.new_zeros(G, S, K), None
-        parts = [(self.p.X, self.p.target)] if self.full else self._chunks()
-        for Xc, Tc in parts:
-            R, P = _residual(Z if self.full else _logits(Xc, W, b), Tc, self.p.loss)
+        gW, gb = W.new_zeros(G, S * K, d), W.new_zeros(G, S, K)
+        parts = [(self.p.X, self.p.target, Z)] if self.full else ((Xc, Tc, None) for Xc, Tc in self._chunks())
+        for Xc, Tc, Zc in parts:
+            Zc = _logits(Xc, W, b, self.scratch) if Zc is None else Zc
+            R, P = _residual(Zc, Tc, self.p.loss, self.scratch)
             gb += R.sum(-1)
             gW.baddbmm_(R.view(G, S * K, Xc.shape[1]), Xc)
+            self.scratch.give(R)
+            if not self.full:
+                self.scratch.give(Zc, P)
         return gW.view(G, S, K, d) / self.n, gb / self.n, P if self.full else None
 
     def bregman(self, W, b, W_new, b_new, Z=None, Z_new=None, P=None):
-        """Mean Bregman divergence [G, S] of the loss from (W, b) to (W_new, b_new)."""
+        """Mean Bregman divergence [G, S] of the loss from (W, b) to (W_new, b_new); P is handed back."""
         if self.full:
-            return _bregman(Z, P, Z_new - Z, self.p.loss) / self.n
+            dZ = torch.sub(Z_new, Z, out=self.scratch.take(Z.shape, Z))
+            value = _bregman(Z, P, dZ, self.p.loss, self.scratch)
+            self.scratch.give(dZ, P)
+            return value / self.n
         S = W.shape[1]
         both_W, both_b = torch.cat([W, W_new - W], 1), torch.cat([b, b_new - b], 1)
         total = W.new_zeros(W.shape[:2])
         for Xc, Tc in self._chunks():  # one product gives the logits at (W, b) and their change
-            Zc = _logits(Xc, both_W, both_b)
+            Zc = _logits(Xc, both_W, both_b, self.scratch)
             Z0, dZ = Zc[:, :S], Zc[:, S:]
-            total += _bregman(Z0, _residual(Z0, Tc, self.p.loss)[1], dZ, self.p.loss)
+            R, P0 = _residual(Z0, Tc, self.p.loss, self.scratch)
+            total += _bregman(Z0, P0, dZ, self.p.loss, self.scratch)
+            self.scratch.give(Zc, R, P0)
         return total / self.n
 
 
@@ -435,7 +490,7 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
     m_W, m_b = new_W - s.x_W, new_b - s.x_b
     restart = _inner(d_W, d_b, m_W, m_b) < 0  # momentum points against the proximal-gradient step
     t_new = (1 + torch.sqrt(1 + 4 * s.t * s.t)) / 2
-    beta = torch.where(restart, torch.zeros_like(s.t), (s.t - 1) / t_new)
+    beta = torch.where(restart, torch.zeros_like(s.t), _BETA(s.t, t_new))
     small = _sq_norm(m_W, m_b) <= tol * tol * _sq_norm(new_W, new_b)  # relative change below tol
     steps = s.steps + ok
     quiet = torch.where(ok, torch.where(small, s.quiet + 1, torch.zeros_like(s.quiet)), s.quiet)
@@ -444,8 +499,9 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
     rejected = None if ok.all() else (~ok).nonzero(as_tuple=True)  # these keep their x, y (and logits)
     Z_x, Z_y = s.Z_x, s.Z_y
     if Z_new is not None:  # logits at the extrapolated point, by linearity
-        Z_y = _restore(torch.lerp(Z_x, Z_new, (1 + beta)[:, :, None, None]), Z_y, rejected)
-        Z_x = _restore(Z_new, Z_x, rejected)
+        Z_y = torch.lerp(s.Z_x, Z_new, (1 + beta)[:, :, None, None], out=ev.scratch.take(Z_new.shape, Z_new))
+        Z_y, Z_x = _restore(Z_y, s.Z_y, rejected), _restore(Z_new, s.Z_x, rejected)
+        ev.scratch.give(s.Z_x, s.Z_y)
     state = _State(
         y_W=_restore(new_W + beta[:, :, None, None] * m_W, s.y_W, rejected),
         y_b=_restore(new_b + beta[:, :, None] * m_b, s.y_b, rejected),
@@ -474,8 +530,9 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
     W = _prox(W.clone(), torch.zeros_like(lam), penalty, ev.p.mask)  # masks the starting point
     Z = ev.logits(W, b)
     L = L0[:, None].expand(G, S).contiguous()
+    Z_y = None if Z is None else Z.clone()
     zeros = torch.zeros(G, S, dtype=torch.long, device=W.device)
-    s = _State(W, b, W, b, Z, Z, lam, L * _OPTIMISTIC_START, torch.ones_like(lam), L * _CAP, zeros, zeros,
+    s = _State(W, b, W, b, Z, Z_y, lam, L * _OPTIMISTIC_START, torch.ones_like(lam), L * _CAP, zeros, zeros,
                zeros == 0, torch.arange(S, device=W.device))
     out_W, out_b, converged = W.clone(), b.clone(), zeros != 0
 
@@ -494,6 +551,7 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
                 break
             if not running.all():
                 s = s.select(running.nonzero().squeeze(1))
+                ev.scratch.clear()
     else:
         record(s, s.active)
     return out_W, out_b, n_iter, converged
