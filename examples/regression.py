@@ -8,8 +8,8 @@ Data: the snippets of Hutto & Gilbert (2014, MIT licence) with their mean human 
 (`load_movie_valence(task="regression")`), subsampled to 2,000 train / 500 validation / 500 test snippets for
 speed. Backbone: the real all-MiniLM-L6-v2 (offline package).
 
-Run from the repository root. Cost: about 2.5 CPU-minutes (measured: 3.5 minutes wall on 2 cores shared with
-other jobs, load average 6-7):
+Run from the repository root. Cost: about 2 CPU-minutes (measured: 3 minutes wall on the 2 CPU cores of this
+project's machine, shared with other jobs, load average 4-7):
 
     python examples/regression.py
 """

@@ -286,13 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _quiet_progress() -> None:
-    """Hide the progress bars of datasets / transformers / huggingface_hub (STC's own bars are separate)."""
+def _quiet_progress():
+    """Hide the progress bars of datasets / transformers / huggingface_hub (STC's own bars are separate); returns
+    a function that restores them (`main` may run in-process, e.g. in tests or notebooks)."""
     import datasets
     from transformers.utils import logging as transformers_logging
 
+    datasets_on = not datasets.are_progress_bars_disabled()
+    transformers_on = transformers_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
+
+    def restore():
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+
+    return restore
 
 
 def _say(*parts):
@@ -776,7 +787,8 @@ def _one_line(error: BaseException) -> str:
 
 def _is_bad_input(error: BaseException) -> bool:
     """Errors that describe the user's input (one line, exit 2), as opposed to bugs (traceback)."""
-    return isinstance(error, (CLIError, ValueError, OSError, ImportError)) or type(error).__name__ == "DataDownloadError"
+    bad_input = (CLIError, ValueError, OSError, ImportError)
+    return isinstance(error, bad_input) or type(error).__name__ == "DataDownloadError"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -787,9 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help / --version (0) or a usage error (2), already printed by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    restore = _quiet_progress()
     try:
-        if args.command != "fit" or args.no_progress:
-            _quiet_progress()
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
@@ -799,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,7 +53,6 @@ _OPTIMISTIC_START = 0.125  # first steps are 8 / L_global; backtracking doubles 
 _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
 _CAP = 2.0  # L never exceeds twice the power-iteration estimate of the global Lipschitz constant
-_BETA = lambda t, t_new: (t - 1) / t_new
 _QUIET_STEPS = 10  # a problem stops after this many consecutive steps with a relative change below tol
 
 _NON_FINITE = (
@@ -314,8 +313,10 @@ def _zero_weight_gradient(problem: _Problem) -> torch.Tensor:
     scratch = _Scratch()
     for start in range(0, n, chunk):
         Xc = X[:, start : start + chunk]
-        R, _ = _residual(_logits(Xc, W, b), problem.target[:, start : start + chunk], problem.loss, scratch)
+        Z = _logits(Xc, W, b, scratch)
+        R, P = _residual(Z, problem.target[:, start : start + chunk], problem.loss, scratch)
         grad.baddbmm_(R[:, 0], Xc)
+        scratch.give(Z, R, P)
     if not torch.isfinite(grad).all():
         raise ValueError(_NON_FINITE.format(name="X"))
     grad /= n
@@ -490,7 +491,7 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
     m_W, m_b = new_W - s.x_W, new_b - s.x_b
     restart = _inner(d_W, d_b, m_W, m_b) < 0  # momentum points against the proximal-gradient step
     t_new = (1 + torch.sqrt(1 + 4 * s.t * s.t)) / 2
-    beta = torch.where(restart, torch.zeros_like(s.t), _BETA(s.t, t_new))
+    beta = torch.where(restart, torch.zeros_like(s.t), (s.t - 1) / t_new)
     small = _sq_norm(m_W, m_b) <= tol * tol * _sq_norm(new_W, new_b)  # relative change below tol
     steps = s.steps + ok
     quiet = torch.where(ok, torch.where(small, s.quiet + 1, torch.zeros_like(s.quiet)), s.quiet)

@@ -119,6 +119,14 @@ def test_help_lists_the_commands(capsys):
     assert "rotten_tomatoes_offline" in out and "minilm" in out and "(default: 256)" in out
 
 
+def test_cli_constants_match_the_package():
+    """The CLI repeats a few names so that `stc --help` needs no `datasets` import; they must not drift."""
+    from stc_transformers import cli, data, features_stc
+
+    assert cli.BUILTIN_NAMES == tuple(data.BUILTIN_DATASETS)
+    assert cli.SOURCES == features_stc.SOURCES and cli.POOLINGS == features_stc.POOLINGS
+
+
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "stc_transformers", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("stc-transformers ")
