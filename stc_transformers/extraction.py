@@ -34,6 +34,7 @@ from .modeling_stc import feature_groups, group_size
 
 
 CACHE_VERSION = 1
+COMMIT_SECONDS = 30.0  # default interval between flushes of the cache to disk
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
 
@@ -128,7 +129,7 @@ def extract_features(
     *,
     max_length: int | None = 256,
     batch_size: int = 32,
-    commit_every: int = 8,
+    commit_every: int | None = None,
     progress: bool = True,
     description: str = "Extracting features",
     accelerator=None,
@@ -136,7 +137,8 @@ def extract_features(
     """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
 
     `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model, tokenizer
-    settings, texts) is reused; an unfinished one resumes at the first uncommitted batch.
+    settings, texts) is reused; an unfinished one resumes at the first uncommitted batch. Progress is committed
+    (flushed to disk) every `commit_every` batches, by default every 30 seconds of work.
 
     `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
     process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
@@ -233,13 +235,20 @@ def extract_features(
         for number in range(cache.meta["batches_done"], len(batches)):
             write_batch(number)
             bar.update(1)
-            if (number + 1) % commit_every == 0 or number + 1 == len(batches):
+            if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
                 _commit(cache, arrays, number + 1, time.perf_counter() - started)
                 started = time.perf_counter()
     finally:
         bar.close()
         model.train(was_training)
     return cache
+
+
+def _commit_due(batches_done: int, last_commit: float, commit_every: int | None) -> bool:
+    """Every `commit_every` batches, or by default every COMMIT_SECONDS (a flush costs a disk write)."""
+    if commit_every:
+        return batches_done % commit_every == 0
+    return time.perf_counter() - last_commit >= COMMIT_SECONDS
 
 
 def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
@@ -317,7 +326,7 @@ def _open_cache_on_main(state, path: Path, meta: dict) -> FeatureCache:
     return FeatureCache(path, json.loads((path / "meta.json").read_text()))
 
 
-def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, commit_every: int, progress: bool,
+def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, commit_every: int | None, progress: bool,
                    description: str) -> FeatureCache:
     """This process's share of the pending batches, then (main process) mark the cache complete."""
     flags = np.load(cache.path / PROGRESS_FILE, mmap_mode="r+")
@@ -326,7 +335,7 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
     pending = np.flatnonzero(~done)
     state.wait_for_everyone()  # all processes split the same snapshot before any records progress
     mine = pending[state.process_index :: state.num_processes]
-    started = time.perf_counter()
+    started = last_commit = time.perf_counter()
     bar = tqdm(total=len(mine), desc=f"{description} [{state.num_processes} processes]",
                disable=not (progress and state.is_main_process), unit="batch")
     try:
@@ -335,12 +344,12 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
             write_batch(int(number))
             finished.append(number)
             bar.update(1)
-            if (step + 1) % commit_every == 0 or step + 1 == len(mine):
+            if step + 1 == len(mine) or _commit_due(step + 1, last_commit, commit_every):
                 for array in arrays.values():
                     array.flush()
                 flags[finished] = 1  # only after the rows are on disk
                 flags.flush()
-                finished = []
+                finished, last_commit = [], time.perf_counter()
     finally:
         bar.close()
     state.wait_for_everyone()

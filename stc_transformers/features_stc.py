@@ -142,14 +142,60 @@ class LayerMap:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pool(states: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+def token_spans(mask: torch.Tensor, max_runs: int = 8) -> list[tuple[int, int, int, int]] | None:
+    """Cut a batch into runs of consecutive rows whose real tokens fill the same contiguous positions.
+
+    Returns [(first_row, end_row, first_token, end_token)], or None when a row's real tokens are not contiguous or
+    more than `max_runs` runs would be needed. Length-sorted batches (left or right padded) give a few runs, so
+    pooling becomes plain slicing, with no masked copy of the activations.
+    """
+    real = mask.detach().to("cpu", torch.bool)
+    if real.shape[1] == 0:
+        return [(0, real.shape[0], 0, 0)]
+    counts = real.sum(1)
+    positions = torch.arange(real.shape[1]).expand_as(real)
+    starts = positions.masked_fill(~real, real.shape[1]).amin(1)
+    ends = positions.masked_fill(~real, -1).amax(1) + 1
+    starts = torch.where(counts > 0, starts, 0)
+    ends = torch.where(counts > 0, ends, 0)
+    if not torch.equal(ends - starts, counts):
+        return None
+    runs = []
+    for row, span in enumerate(zip(starts.tolist(), ends.tolist())):
+        if runs and runs[-1][2:] == span:
+            runs[-1] = (runs[-1][0], row + 1, *span)
+        else:
+            runs.append((row, row + 1, *span))
+    return runs if len(runs) <= max_runs else None
+
+
+def _pool_span(states: torch.Tensor, first_token: int, end_token: int, method: str) -> torch.Tensor:
+    if end_token == first_token:  # rows without real tokens
+        return states.new_zeros(states.shape[0], states.shape[2])
+    if method == "mean":
+        return states[:, first_token:end_token].mean(1)
+    if method == "max":
+        return states[:, first_token:end_token].amax(1)
+    return states[:, first_token if method == "first" else end_token - 1].clone()  # a copy: the states can go
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") -> torch.Tensor:
     """Pool `states` [B, T, D] over real tokens (`mask` [B, T], 1 = real) into [B, D] float32.
 
     Computed in float32 so fp16 activations cannot overflow. Rows without any real token (all padding) pool to
     zeros for every method. "first"/"last" pick the first/last real token, so they are right for left and right
     padding alike; the values at padded positions never matter (even inf/NaN there is ignored by every method).
+    `spans`: `token_spans(mask)` when the caller pools several tensors of one batch (computed here by default);
+    with spans the pooling slices the real tokens, without it masks the padding.
     """
+    if method not in POOLINGS:
+        raise ValueError(f"Unknown pooling {method!r}: choose from {list(POOLINGS)}.")
     states = states.float()
+    if isinstance(spans, str):
+        spans = token_spans(mask)
+    if spans is not None:
+        parts = [_pool_span(states[r0:r1], t0, t1, method) for r0, r1, t0, t1 in spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     mask = mask.to(device=states.device, dtype=torch.bool)
     has_tokens = mask.any(dim=1, keepdim=True)
     if method == "mean":
@@ -161,10 +207,8 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     if method == "first":
         index = positions.masked_fill(~mask, mask.shape[1]).amin(1).clamp(max=mask.shape[1] - 1)
-    elif method == "last":
-        index = positions.masked_fill(~mask, -1).amax(1).clamp(min=0)
     else:
-        raise ValueError(f"Unknown pooling {method!r}: choose from {list(POOLINGS)}.")
+        index = positions.masked_fill(~mask, -1).amax(1).clamp(min=0)
     picked = states[torch.arange(states.shape[0], device=states.device), index]
     return picked.masked_fill(~has_tokens, 0.0)
 
@@ -179,6 +223,7 @@ class _Capture:
 
     def __init__(self, mask, requests, neurons):
         self.mask = mask
+        self.spans = token_spans(mask)  # computed once per batch
         self.requests = requests  # {(source, layer): tuple of poolings}
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
         self.stash: dict[int, torch.Tensor] = {}
@@ -195,7 +240,7 @@ class _Capture:
         if index is not None:
             states = states.index_select(-1, index.to(states.device))
         for method in self.requests[(source, layer)]:
-            self.pooled[(source, method, layer)] = pool(states, self.mask, method)
+            self.pooled[(source, method, layer)] = pool(states, self.mask, method, self.spans)
 
     def mlp_pre_hook(self, layer):
         def hook(module, args, kwargs=None):

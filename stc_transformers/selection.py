@@ -10,6 +10,8 @@ Search, for each problem type:
    extended while the best strength sits at the weak edge); a layer's score is its best validation score;
 2. per family of blocks (all blocks, each source, each pooling) and eta: keep per layer the smallest neuron set
    reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all layers' kept neurons;
+   when the sample is smaller than the training set, the best `finalists` (family, eta) pairs are refitted on
+   every training row and the best of those refits wins (fits on the sample undervalue larger neuron sets);
 3. for the best (family, eta): fit every layer prefix 0..k and every single layer k, pick the best, preferring
    earlier exits within `early_exit_tolerance`;
 4. refit the winner on all training rows.
@@ -47,6 +49,7 @@ class SearchSettings:
     refit_max_iter: int = 300
     refit_tol: float = 1e-4
     families: str = "sources"
+    finalists: int = 3
     early_exit_tolerance: float = 0.002
     chunk_rows: int = 4096
     device: str | torch.device = "cpu"
@@ -64,6 +67,7 @@ class Candidate:
     strength: float
     score: float
     num_features: int
+    all_rows_score: float | None = None  # validation score when refitted on every training row (finalists)
 
     def as_dict(self) -> dict:
         return {
@@ -74,6 +78,7 @@ class Candidate:
             "layers": "single" if len(self.layers) == 1 and self.layers[0] > 0 else "prefix",
             "strength": self.strength,
             "validation_score": round(float(self.score), 6),
+            "all_rows_validation_score": None if self.all_rows_score is None else round(float(self.all_rows_score), 6),
             "num_features": self.num_features,
         }
 
@@ -195,6 +200,7 @@ class SelectionSearch:
         # `search_samples` and the validation set, not by the training set)
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
+        self._all_rows_fits: dict[tuple, tuple] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 
@@ -304,7 +310,7 @@ class SelectionSearch:
                     candidates += self._candidates(family, eta, [all_layers], scores, groups)
                 bar.update(1)
         bar.close()
-        best = max(candidates, key=lambda c: (c.score, -c.num_features))
+        best = self._final_round(candidates, probes, stats)
 
         # early exit and single layers for the best family and eta
         layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
@@ -317,7 +323,7 @@ class SelectionSearch:
         chosen = min(eligible, key=lambda c: (max(c.layers), c.num_features, -c.score))
         seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
 
-        result = self._refit(chosen, probes, stats)
+        result = self._package(chosen, *self._fit_all_rows(chosen, probes, stats))
         result.candidates = sorted(candidates, key=lambda c: -c.score)
         result.layer_scores, result.base_score = layer_scores, base_score
         seconds["refit"] = time.perf_counter() - started - seconds["layer_probes"] - seconds["integration"]
@@ -337,15 +343,46 @@ class SelectionSearch:
                 out.append(Candidate(family, eta, layers, strength, float(scores[g, s]), num_features))
         return out
 
-    def _refit(self, chosen: Candidate, probes, stats) -> SelectionResult:
-        """Fit the chosen candidate on every training row (streamed in chunks) and package the head."""
-        groups = self._groups(chosen.blocks, chosen.eta, probes, chosen.layers)
+    def _final_round(self, candidates: list[Candidate], probes, stats) -> Candidate:
+        """The best all-layer candidate; with a subsampled search, the best of the top (family, eta) pairs refitted
+        on every training row (ties go to fewer neurons)."""
+        ranked = sorted(candidates, key=lambda c: (-c.score, c.num_features))
+        finalists, seen = [], set()
+        for candidate in ranked:
+            if (candidate.blocks, candidate.eta) not in seen:
+                seen.add((candidate.blocks, candidate.eta))
+                finalists.append(candidate)
+        finalists = finalists[: self.settings.finalists]
+        if len(self.sample) == self.train.num_texts or len(finalists) < 2:
+            return ranked[0]
+        for candidate in finalists:
+            outputs = self._fit_all_rows(candidate, probes, stats)[3]
+            candidate.all_rows_score = float(score_predictions(outputs[None, None], self.y_validation, self.task)[0, 0])
+        return max(finalists, key=lambda c: (c.all_rows_score, -c.num_features))
+
+    def _fit_all_rows(self, candidate: Candidate, probes, stats):
+        """Fit a candidate on every training row (streamed from disk in chunks): (groups, standardisation, fit,
+        validation outputs). Results are kept, so the final refit of a finalist is free."""
+        key = (candidate.blocks, candidate.eta, candidate.layers, candidate.strength)
+        if key not in self._all_rows_fits:
+            self._all_rows_fits[key] = self._fit_on_disk(candidate, probes, stats)
+        return self._all_rows_fits[key]
+
+    def _fit_on_disk(self, candidate: Candidate, probes, stats):
+        groups = self._groups(candidate.blocks, candidate.eta, probes, candidate.layers)
         matrix, validation = self._matrices(stats, groups)
-        X = matrix.materialize(self.train.path / "selected_features.npy", self.settings.chunk_rows)[None]
-        fit = self._fit(X, self.y_train, torch.tensor([chosen.strength]), penalty="l2",
+        path = self.train.path / "selected_features.npy"
+        X = matrix.materialize(path, self.settings.chunk_rows)[None]
+        fit = self._fit(X, self.y_train, torch.tensor([candidate.strength]), penalty="l2",
                         chunk_size=self.settings.chunk_rows, max_iter=self.settings.refit_max_iter,
                         tol=self.settings.refit_tol)
+        del X
+        path.unlink(missing_ok=True)
         outputs = predict_probes(validation.rows(self.val_rows)[None].to(self.device), fit)[0, 0].cpu()
+        return groups, matrix, fit, outputs
+
+    def _package(self, chosen: Candidate, groups, matrix: FeatureMatrix, fit, outputs) -> SelectionResult:
+        """The chosen candidate's head, ready for `set_selection`."""
         selection = [
             {"source": block[0], "pooling": block[1], "layer": int(layer), "neurons": neurons.tolist()}
             for block, layer, neurons in groups

@@ -44,6 +44,7 @@ class STCTrainingArguments:
     max_iter: int = SearchSettings.max_iter
     tol: float = SearchSettings.tol
     families: str = SearchSettings.families
+    finalists: int = SearchSettings.finalists
     early_exit_tolerance: float = SearchSettings.early_exit_tolerance
     seed: int = 42
     device: str | None = None
@@ -57,7 +58,7 @@ class STCTrainingArguments:
         return SearchSettings(
             etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
             final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
-            max_iter=self.max_iter, tol=self.tol, families=self.families,
+            max_iter=self.max_iter, tol=self.tol, families=self.families, finalists=self.finalists,
             early_exit_tolerance=self.early_exit_tolerance, device=device,
             seed=self.seed, progress=self.progress,
         )

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from stc_transformers import STCConfig, STCForSequenceClassification
-from stc_transformers.features_stc import POOLINGS, pool
+from stc_transformers.features_stc import POOLINGS, pool, token_spans
 
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,11 +50,12 @@ def numpy_pool(real: np.ndarray, method: str) -> np.ndarray:
     return {"mean": real.mean(0), "max": real.max(0), "first": real[0], "last": real[-1]}[method]
 
 
+@pytest.mark.parametrize("spans", ["auto", None], ids=["sliced", "masked"])
 @FAST
 @given(padded_states())
-def test_pool_matches_numpy_reference(case):
+def test_pool_matches_numpy_reference(spans, case):
     states, mask, lengths, _ = case
-    pooled = {method: pool(states, mask, method) for method in POOLINGS}
+    pooled = {method: pool(states, mask, method, spans) for method in POOLINGS}
     for method, values in pooled.items():
         assert values.shape == (states.shape[0], states.shape[2]) and values.dtype == torch.float32
         for row in range(states.shape[0]):
@@ -70,14 +71,15 @@ def test_pool_matches_numpy_reference(case):
             assert torch.equal(pooled["first"][row], real[0]) and torch.equal(pooled["last"][row], real[-1])
 
 
+@pytest.mark.parametrize("spans", ["auto", None], ids=["sliced", "masked"])
 @FAST
 @given(padded_states(), st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38]))
-def test_padding_side_and_padding_values_do_not_matter(case, garbage):
+def test_padding_side_and_padding_values_do_not_matter(spans, case, garbage):
     """Each row pooled inside a padded batch equals the row alone without padding, even with NaN/inf padding."""
     states, mask, lengths, _ = case
     dirty = states.masked_fill(~mask.bool().unsqueeze(-1), garbage)
     for method in POOLINGS:
-        batched = pool(dirty, mask, method)
+        batched = pool(dirty, mask, method, spans)
         assert torch.isfinite(batched).all()
         for row, n in enumerate(lengths):
             if n == 0:
@@ -95,6 +97,25 @@ def test_pool_of_float16_is_exact_float32_pooling(case):
         pooled = pool(states, mask, method)
         assert pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
         assert torch.equal(pooled, pool(states.float(), mask, method))
+
+
+def test_token_spans_cut_sorted_batches_into_runs():
+    right = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    assert token_spans(right) == [(0, 2, 0, 3), (2, 3, 0, 2), (3, 4, 0, 0)]
+    left = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    assert token_spans(left) == [(0, 2, 1, 3), (2, 3, 0, 3)]
+    assert token_spans(torch.tensor([[1, 0, 1]])) is None  # a gap: only masking is right
+    ragged = torch.tensor([[1] * n + [0] * (9 - n) for n in range(9, 0, -1)])
+    assert token_spans(ragged) is None and len(token_spans(ragged, max_runs=9)) == 9
+
+
+@FAST
+@given(padded_states())
+def test_sliced_and_masked_pooling_agree(case):
+    states, mask, _, _ = case
+    for method in POOLINGS:
+        torch.testing.assert_close(pool(states, mask, method), pool(states, mask, method, spans=None),
+                                   rtol=1e-5, atol=1e-3)
 
 
 def test_pool_rejects_unknown_method():

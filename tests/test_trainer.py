@@ -74,6 +74,18 @@ def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
     assert set(summary["layer_scores"]) == {f"{s}/{p}" for s in ("hidden", "mlp") for p in model.config.poolings}
 
 
+def test_subsampled_search_refits_its_finalists_on_every_row(tmp_path):
+    trainer, _ = make_trainer(tmp_path, n=240, search_samples=60, finalists=2)
+    result = trainer.train()
+    finalists = [c for c in result.candidates if c["all_rows_validation_score"] is not None]
+    assert len(finalists) == 2 and len({(tuple(c["sources"]), c["eta"]) for c in finalists}) == 2
+    best = max(finalists, key=lambda c: (c["all_rows_validation_score"], -c["num_features"]))
+    assert [result.chosen[k] for k in ("sources", "poolings", "eta")] == [best[k] for k in ("sources", "poolings", "eta")]
+    # without subsampling the sample fits are the final fits: no second round
+    trainer, _ = make_trainer(tmp_path / "full", n=240, finalists=2)
+    assert all(c["all_rows_validation_score"] is None for c in trainer.train().candidates)
+
+
 def test_saved_fit_works_in_pipeline(tmp_path):
     trainer, split = make_trainer(tmp_path)
     trainer.train()
@@ -249,6 +261,28 @@ def test_interrupted_extraction_resumes_to_identical_cache(tmp_path, monkeypatch
     monkeypatch.setattr(type(model), "pooled_features", crashing)
     calls["n"] = 6
     assert extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False).complete
+
+
+def test_extraction_commits_by_time_by_default(tmp_path, monkeypatch):
+    from stc_transformers import extraction
+
+    model = STCModelTester().model("bert")
+    texts, _ = synthetic_texts(20)
+    original = type(model).pooled_features
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    monkeypatch.setattr(extraction, "COMMIT_SECONDS", 0.0)  # every batch is due
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(model, make_tiny_tokenizer(), texts, tmp_path, batch_size=4, progress=False)
+    meta = json.loads(next(tmp_path.glob("*/meta.json")).read_text())
+    assert meta["batches_done"] == 3
 
 
 def test_cache_depends_on_weights(tmp_path):
