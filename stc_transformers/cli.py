@@ -32,6 +32,10 @@ _FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".p
 # Hub ids of the short backbone names whose packaged weights are the published ones (for the model card's
 # `base_model`). "smollm2" is left out: its weights are de-quantized from a Q4_1 GGUF file, not the originals.
 BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# = the defaults of selection.SearchSettings (a test checks they agree; `stc --help` does not import torch)
+SEARCH_DEFAULTS = {"etas": (0.5, 0.8, 0.9, 0.95, 0.99), "strength_ratios": (0.5, 0.2, 0.1, 0.05, 0.02, 0.01),
+                   "final_strengths": (0.01, 0.1, 1.0, 10.0), "search_samples": 3000, "max_iter": 100,
+                   "finalists": 3, "early_exit_tolerance": 0.002}
 SOURCES = ("hidden", "mlp")
 POOLINGS = ("mean", "max", "first", "last")
 
@@ -71,6 +75,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _add_fitted_model(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+
+
+def _spaced(values) -> str:
+    return " ".join(f"{v:g}" for v in values)
 
 
 def _fraction(text: str) -> float:
@@ -135,16 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--traceback", action="store_true",
                         help="on an error, show the full Python traceback instead of one line")
 
+    def add_command(name: str, help: str, *, description: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], formatter_class=_Formatter, help=help,
+                                   description=description, epilog=f"example:\n\n  {example}")
+
     # ---- fit
-    fit = commands.add_parser(
-        "fit", parents=[common], formatter_class=_Formatter,
-        help="fit an STC classifier on a frozen backbone and save it",
+    fit = add_command(
+        "fit", "fit an STC classifier on a frozen backbone and save it",
         description="Run the frozen backbone once over the training and validation texts, search the neuron "
                     "selection on validation data, evaluate on the test split when there is one, and save a "
                     "checkpoint that `pipeline(\"text-classification\", model=OUTPUT_DIR)` loads, with its model "
                     "card (README.md + plot) and metrics.json.",
-        epilog="example:\n\n  stc fit --model minilm --data rotten_tomatoes_offline --output-dir outputs/minilm-rt "
-               "--max-length 128",
+        example="stc fit --model minilm --data rotten_tomatoes_offline --output-dir outputs/minilm-rt "
+                "--max-length 128",
     )
     fit.add_argument(
         "--model", required=True,
@@ -186,30 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=42, help="seed of subsets, the internal split and the search")
     search.add_argument("--validation-fraction", type=_fraction, default=0.15,
                         help="share of the training split held out when the data has no validation split")
-    search.add_argument("--search-samples", type=_positive_int, default=4000,
+    search.add_argument("--search-samples", type=_positive_int, default=SEARCH_DEFAULTS["search_samples"],
                         help="training rows used by the search (the winner is refitted on all rows)")
     search.add_argument("--etas", nargs="+", type=_fraction, default=None, metavar="ETA",
-                        help="shares of each layer's probe weight to keep (default: 0.5 0.8 0.9 0.95 0.99)")
+                        help="shares of each layer's probe weight to keep (default: "
+                             f"{_spaced(SEARCH_DEFAULTS['etas'])})")
     search.add_argument("--strength-ratios", nargs="+", type=_positive_float, default=None, metavar="RATIO",
                         help="L1 strengths of the per-layer probes, as ratios of lambda_max "
-                             "(default: 0.3 0.1 0.03 0.01 0.003)")
+                             f"(default: {_spaced(SEARCH_DEFAULTS['strength_ratios'])})")
     search.add_argument("--final-strengths", nargs="+", type=_positive_float, default=None, metavar="STRENGTH",
-                        help="L2 strengths tried for the final classifier (default: 1e-4 1e-3 1e-2 1e-1)")
-    search.add_argument("--max-iter", type=_positive_int, default=200, help="optimizer iterations per probe")
-    search.add_argument("--early-exit-tolerance", type=float, default=0.002,
+                        help="L2 strengths tried for the final classifier (default: "
+                             f"{_spaced(SEARCH_DEFAULTS['final_strengths'])})")
+    search.add_argument("--max-iter", type=_positive_int, default=SEARCH_DEFAULTS["max_iter"],
+                        help="optimizer iterations per probe")
+    search.add_argument("--finalists", type=_positive_int, default=SEARCH_DEFAULTS["finalists"],
+                        help="best (blocks, eta) pairs of a subsampled search refitted on every training row")
+    search.add_argument("--early-exit-tolerance", type=float, default=SEARCH_DEFAULTS["early_exit_tolerance"],
                         help="prefer an earlier exit layer within this validation-score margin")
     fit.set_defaults(handler=cmd_fit)
 
     # ---- evaluate
-    evaluate = commands.add_parser(
-        "evaluate", parents=[common], formatter_class=_Formatter,
-        help="score a fitted checkpoint on labelled data",
+    evaluate = add_command(
+        "evaluate", "score a fitted checkpoint on labelled data",
         description="Compute the metrics of a fitted STC checkpoint on one split of a labelled dataset: accuracy "
                     "and macro-F1 (single-label), micro/macro-F1 and subset accuracy (multi-label), MSE, MAE, R2 and "
                     "Pearson r (regression). Prints them as JSON.",
-        epilog="example:\n\n  stc evaluate --model outputs/minilm-rt --data test.csv --label-column sentiment",
+        example="stc evaluate --model outputs/minilm-rt --data test.csv --label-column sentiment",
     )
-    evaluate.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    _add_fitted_model(evaluate)
     data = _add_data_arguments(evaluate)
     data.add_argument("--split", default=None,
                       help="split to score (default: `test`, or the only split of a single file)")
@@ -221,16 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_evaluate)
 
     # ---- predict
-    predict = commands.add_parser(
-        "predict", parents=[common], formatter_class=_Formatter,
-        help="classify texts with a fitted checkpoint",
+    predict = add_command(
+        "predict", "classify texts with a fitted checkpoint",
         description="Classify texts with `pipeline(\"text-classification\")` and print one JSON line per text "
                     "(text, label, score; with --top-k the k best labels). Multi-label models score every label "
                     "independently (sigmoid): use --top-k with the number of labels to see them all. For "
                     "regression `score` is the predicted value.",
-        epilog="example:\n\n  stc predict --model outputs/minilm-rt --input reviews.txt --output predictions.jsonl",
+        example="stc predict --model outputs/minilm-rt --input reviews.txt --output predictions.jsonl",
     )
-    predict.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    _add_fitted_model(predict)
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", metavar="TEXT", help="a text to classify (repeat for more)")
     source.add_argument(
@@ -247,13 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     # ---- push
-    push = commands.add_parser(
-        "push", parents=[common], formatter_class=_Formatter,
-        help="upload a fitted checkpoint and its tokenizer to the Hub",
+    push = add_command(
+        "push", "upload a fitted checkpoint and its tokenizer to the Hub",
         description="Upload weights, config, the modeling files (for `trust_remote_code` users), the model card "
                     "and the tokenizer of a fitted checkpoint to a Hugging Face Hub model repository (created when "
                     "missing). Needs a token: `hf auth login`, $HF_TOKEN or --token.",
-        epilog="example:\n\n  stc push --model outputs/minilm-rt --repo-id you/minilm-rotten-tomatoes --private",
+        example="stc push --model outputs/minilm-rt --repo-id you/minilm-rotten-tomatoes --private",
     )
     push.add_argument("--model", required=True, help="the fitted checkpoint folder")
     push.add_argument("--repo-id", required=True, help="the Hub repository, `user/name` or `org/name`")
@@ -263,15 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(handler=cmd_push)
 
     # ---- report
-    report = commands.add_parser(
-        "report", parents=[common], formatter_class=_Formatter,
-        help="show what a fitted checkpoint selected, with plots",
+    report = add_command(
+        "report", "show what a fitted checkpoint selected, with plots",
         description="Print which neurons of which layers the classifier reads, how every single layer scored on "
                     "validation data and the heaviest head weights per label; write the per-layer score plot and "
                     "the kept-neuron plot as PNG files.",
-        epilog="example:\n\n  stc report --model outputs/minilm-rt --plots-dir plots",
+        example="stc report --model outputs/minilm-rt --plots-dir plots",
     )
-    report.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
+    _add_fitted_model(report)
     report.add_argument("--plots-dir", default=None,
                         help="where to write stc_layer_scores.png and stc_kept_neurons.png (default: the model "
                              "folder, or the current folder for a Hub id)")
@@ -494,6 +510,7 @@ def cmd_fit(args) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from .backbones import BACKBONES, resolve_backbone
+    from .extraction import distributed_state
     from .modeling_stc import STCForSequenceClassification
     from .trainer import STCTrainer, STCTrainingArguments
 
@@ -538,12 +555,17 @@ def cmd_fit(args) -> int:
     training_args = STCTrainingArguments(
         output_dir=str(output_dir), max_length=args.max_length, batch_size=args.batch_size, cache_dir=str(cache_dir),
         validation_fraction=args.validation_fraction, search_samples=args.search_samples, max_iter=args.max_iter,
+        finalists=args.finalists,
         early_exit_tolerance=args.early_exit_tolerance, seed=args.seed, device=args.device,
         progress=not args.no_progress, **search,
     )
     trainer = STCTrainer(model, training_args, train_dataset=train, eval_dataset=validation,
                          processing_class=tokenizer, dataset_name=description)
     result = trainer.train()
+    distributed = distributed_state(trainer.device)
+    if distributed is not None and not distributed.is_main_process:
+        trainer.save_model(str(output_dir))  # waits while the main process evaluates, saves and reports
+        return 0
     summary = model.config.fit_summary
     if args.model in BACKBONE_HUB_IDS:
         summary["backbone"] = BACKBONE_HUB_IDS[args.model]

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .modeling_stc import feature_groups, group_size
+from .tokenization import LengthSortedBatches
 
 
 CACHE_VERSION = 1
@@ -158,12 +159,7 @@ def extract_features(
         for s in model.config.sources
         for p in model.config.poolings
     ]
-    encodings = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
-    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
-    if (lengths == 0).any():
-        raise ValueError(f"Text {int(np.argmin(lengths))} tokenizes to nothing; drop it or fix the tokenizer.")
-    order = np.argsort(-lengths, kind="stable")
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     key = {
         "version": CACHE_VERSION,
         "model": model_fingerprint(model),
@@ -182,7 +178,7 @@ def extract_features(
         "num_batches": len(batches),
         "batches_done": 0,
         "seconds": 0.0,
-        "tokens": int(lengths.sum()),
+        "tokens": int(batches.lengths.sum()),
     }
     path = Path(cache_dir) / fingerprint[:20]
     sharded = accelerator is not None and accelerator.num_processes > 1
@@ -199,15 +195,12 @@ def extract_features(
         key = (group["source"], group["pooling"])
         offsets.setdefault(key, start)
         start += group_size(group)
-    columns = [k for k in encodings.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
     device = model.device
 
     def write_batch(number: int):
         """Run batch `number` through the backbone and write its rows into the arrays (not yet flushed)."""
-        index = batches[number]
-        features = [{c: encodings[c][i] for c in columns} for i in index]
-        batch = tokenizer.pad(features, return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        index = batches.index[number]
+        batch = batches.batch(number, device)
         with torch.inference_mode():
             pooled = model.pooled_features(**batch).float().cpu().numpy()
         if not np.isfinite(pooled).all():

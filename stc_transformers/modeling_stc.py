@@ -53,8 +53,8 @@ def group_size(group: dict) -> int:
 class STCFeatureSelector:
     """Knows which (source, layer) to hook, which neurons to gather, and how to assemble the head input.
 
-    For each (source, layer) the union of neurons needed by its poolings is gathered before pooling; each group
-    then picks its neurons out of that union. The index tensors are derived from the config (not module state,
+    For each (source, layer) the capture keeps the union of neurons needed by its poolings; each group then picks
+    its neurons out of that union. The index tensors are derived from the config (not module state,
     so loading never has to restore them) and cached per device.
     """
 

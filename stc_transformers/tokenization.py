@@ -20,3 +20,34 @@ def prepare_tokenizer(tokenizer, model=None):
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer
+
+
+class LengthSortedBatches:
+    """Texts tokenized once and cut into batches of similar token counts, longest first.
+
+    Batches of similar lengths carry little padding, and pooling slices their few runs of equal spans instead of
+    masking (`features_stc.token_spans`). `batch(number)` pads batch `number`; `index[number]` holds the input
+    positions of its rows, so outputs go back in input order.
+    """
+
+    COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, tokenizer, texts: list[str], *, max_length: int | None, batch_size: int):
+        import numpy as np
+
+        self.tokenizer = tokenizer
+        self.encodings = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+        self.lengths = np.array([len(ids) for ids in self.encodings["input_ids"]])
+        if (self.lengths == 0).any():
+            raise ValueError(f"Text {int(np.argmin(self.lengths))} tokenizes to nothing; drop it or fix the tokenizer.")
+        order = np.argsort(-self.lengths, kind="stable")
+        self.index = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.columns = [c for c in self.COLUMNS if c in self.encodings]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, number: int, device=None) -> dict:
+        rows = [{c: self.encodings[c][i] for c in self.columns} for i in self.index[number]]
+        batch = self.tokenizer.pad(rows, return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .extraction import check_texts, distributed_state, extract_features
 from .metrics import compute_metrics
 from .selection import METRIC_NAMES, SearchSettings, SelectionSearch
-from .tokenization import prepare_tokenizer
+from .tokenization import LengthSortedBatches, prepare_tokenizer
 
 
 @dataclass
@@ -228,17 +228,13 @@ def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool)
 
 def predict_logits(model, tokenizer, texts, *, max_length=256, batch_size=32, progress=True) -> np.ndarray:
     """Run the (fitted) model over texts in length-sorted batches; logits in the input order."""
-    texts = check_texts(texts)
-    lengths = np.array([len(t) for t in texts])
-    order = np.argsort(-lengths, kind="stable")
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    batches = LengthSortedBatches(tokenizer, check_texts(texts), max_length=max_length, batch_size=batch_size)
+    out = np.zeros((len(batches.lengths), model.config.num_labels), dtype=np.float32)
     model.eval()
-    for start in tqdm(range(0, len(texts), batch_size), desc="Predicting", disable=not progress, unit="batch"):
-        index = order[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=max_length is not None,
-                          max_length=max_length, return_tensors="pt").to(model.device)
+    for number in tqdm(range(len(batches)), desc="Predicting", disable=not progress, unit="batch"):
         with torch.inference_mode():
-            out[index] = model(**batch).logits.float().cpu().numpy()
+            logits = model(**batches.batch(number, model.device)).logits
+        out[batches.index[number]] = logits.float().cpu().numpy()
     return out
 
 

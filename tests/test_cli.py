@@ -121,10 +121,12 @@ def test_help_lists_the_commands(capsys):
 
 def test_cli_constants_match_the_package():
     """The CLI repeats a few names so that `stc --help` needs no `datasets` import; they must not drift."""
-    from stc_transformers import cli, data, features_stc
+    from stc_transformers import cli, data, features_stc, selection
 
     assert cli.BUILTIN_NAMES == tuple(data.BUILTIN_DATASETS)
     assert cli.SOURCES == features_stc.SOURCES and cli.POOLINGS == features_stc.POOLINGS
+    defaults = selection.SearchSettings()
+    assert cli.SEARCH_DEFAULTS == {name: getattr(defaults, name) for name in cli.SEARCH_DEFAULTS}
 
 
 def test_python_dash_m_runs_the_cli():

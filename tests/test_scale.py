@@ -136,6 +136,17 @@ trainer.save_model(str(work / "hf_saved"))
 head = model.head.classifier.weight.detach().numpy()
 np.save(work / f"head-{state.process_index}.npy", head)  # DDP keeps the copies in step
 (work / f"steps-{state.process_index}.json").write_text(json.dumps({"steps": output.global_step}))
+
+# `stc fit` under the same launch: every process extracts, the main process searches, evaluates, saves and reports
+from stc_transformers.cli import main as cli_main
+
+if state.is_main_process:
+    Dataset.from_dict({"text": spec["texts"], "label": spec["labels"]}).to_csv(work / "cli_train.csv")
+state.wait_for_everyone()
+code = cli_main(["fit", "--model", str(work / "backbone"), "--data", str(work / "cli_train.csv"),
+                 "--output-dir", str(work / "cli_out"), "--max-length", "32", "--batch-size", "4", "--etas", "0.9",
+                 "--final-strengths", "0.1", "--max-iter", "50", "--device", "cpu", "--no-progress"])
+assert code == 0, code
 '''
 
 
@@ -159,7 +170,8 @@ def launched(tmp_path_factory):
     write_spec(work, texts=texts[:70], labels=labels[:70], val_texts=texts[70:], val_labels=labels[70:],
                args=fit_args(work / "out"))
     (work / "worker.py").write_text(WORKER)
-    launch(work / "worker.py", work)
+    result = launch(work / "worker.py", work)
+    (work / "launch_output.txt").write_text(result.stdout + result.stderr)
     return work
 
 
@@ -407,3 +419,15 @@ def test_lora_backbone_with_stc_head_round_trips(tmp_path, arch, targets, dtype)
     assert loaded.head.classifier.weight.dtype == torch.float32 and next(loaded.backbone.parameters()).dtype == dtype
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, merged_logits, rtol=0, atol=0)
+
+
+@multi_process
+def test_cli_fit_under_accelerate_launch(launched):
+    """`accelerate launch stc fit ...`: one report, one checkpoint written by the main process, the cache removed."""
+    work = launched
+    output = (work / "launch_output.txt").read_text()
+    assert output.count("Fitted STC on") == 1 and output.count("Saved to") == 1
+    metrics = json.loads((work / "cli_out" / "metrics.json").read_text())
+    loaded = AutoModelForSequenceClassification.from_pretrained(work / "cli_out")
+    assert loaded.config.selection and metrics["num_features"] == loaded.config.num_selected_features
+    assert not (work / "cli_out" / "feature_cache").exists()
