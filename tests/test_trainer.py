@@ -232,22 +232,29 @@ def test_predict_before_fit(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def crash_in_batch(monkeypatch, model, batch: int):
+    """Make the model's `pooled_features` raise KeyboardInterrupt on its `batch`-th call (counting from 1); returns
+    (the original method, the crashing one, its call counter)."""
+    original = type(model).pooled_features
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == batch:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    return original, crashing, calls
+
+
 def test_interrupted_extraction_resumes_to_identical_cache(tmp_path, monkeypatch):
     model = STCModelTester().model("llama")
     tokenizer = make_tiny_tokenizer()
     texts, _ = synthetic_texts(50)
     reference = extract_features(model, tokenizer, texts, tmp_path / "ref", batch_size=4, progress=False)
 
-    calls = {"n": 0}
-    original = type(model).pooled_features
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    original, crashing, calls = crash_in_batch(monkeypatch, model, 7)
     with pytest.raises(KeyboardInterrupt):
         extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, commit_every=2, progress=False)
     meta = json.loads(next((tmp_path / "run").glob("*/meta.json")).read_text())
@@ -268,16 +275,7 @@ def test_extraction_commits_by_time_by_default(tmp_path, monkeypatch):
 
     model = STCModelTester().model("bert")
     texts, _ = synthetic_texts(20)
-    original = type(model).pooled_features
-    calls = {"n": 0}
-
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "pooled_features", crashing)
+    crash_in_batch(monkeypatch, model, 4)
     monkeypatch.setattr(extraction, "COMMIT_SECONDS", 0.0)  # every batch is due
     with pytest.raises(KeyboardInterrupt):
         extract_features(model, make_tiny_tokenizer(), texts, tmp_path, batch_size=4, progress=False)
