@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_stc import sklearn_base, standardized, subsample
+from bench_stc import sklearn_base, standardized, subsample, texts_per_second
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -76,12 +76,6 @@ def train_llmembed(X, y, X_val, y_val, num_labels, epochs=30, seed=0):
             best = (accuracy, {k: v.clone() for k, v in head.state_dict().items()})
     head.load_state_dict(best[1])
     return head.eval()
-
-
-def throughput(fn, texts) -> float:
-    started = time.perf_counter()
-    fn(texts)
-    return len(texts) / (time.perf_counter() - started)
 
 
 def fit_stc(path, tokenizer, train, validation, out_dir, max_length):
@@ -161,7 +155,7 @@ def main(argv=None):
     ft_seconds = time.perf_counter() - started
     finetuned.eval()
     ft_logits = predict_logits(finetuned, tokenizer, list(test["text"]), max_length=args.max_length, progress=False)
-    results["Fine-tuning (3 epochs)"] = {**compute_metrics(ft_logits, y_test, "single_label_classification"),
+    results[f"Fine-tuning ({args.epochs:g} epochs)"] = {**compute_metrics(ft_logits, y_test, "single_label_classification"),
                                          "fit_seconds": ft_seconds}
     finetuned.save_pretrained(out / "finetuned")
     tokenizer.save_pretrained(out / "finetuned")
@@ -176,12 +170,10 @@ def main(argv=None):
         "exit_layer": stc_ft.model.config.exit_layer}
 
     # Inference throughput on the test texts (same batching, length-sorted batches of 32)
-    texts = list(test["text"])
-    for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
-                             ("AutoModelForSequenceClassification", finetuned, tokenizer)):
-        predict_logits(model, tok, texts[:64], max_length=args.max_length, progress=False)  # warm-up
-        results.setdefault("throughput_texts_per_second", {})[name] = round(throughput(
-            lambda t: predict_logits(model, tok, t, max_length=args.max_length, progress=False), texts), 1)
+    results["throughput_texts_per_second"] = {
+        name: texts_per_second(model, tok, list(test["text"]), args.max_length, batch_size=32)
+        for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
+                                 ("AutoModelForSequenceClassification", finetuned, tokenizer))}
 
     print(f"\n{args.model} on {args.data}: train {len(train)}, validation {len(validation)}, test {len(test)}")
     print(f"{'method':36s} {'accuracy':>9s} {'macro_f1':>9s} {'fit s':>8s}")

@@ -62,11 +62,11 @@ def integrate(weights, X, y, Xv, yv, Xt, yt, settings: SearchSettings, fit_prefi
         for eta in settings.etas:
             keep = [torch.nonzero(select_by_importance(w, eta)).flatten() for w in weights]
             for k in range(len(keep)):
-                columns = lambda A: torch.cat([A[g][:, keep[g]] for g in range(k + 1)], 1)  # noqa: E731
                 size = sum(len(keep[g]) for g in range(k + 1))
                 if size == 0:
                     continue
-                val, test = fit_prefix(columns(X), y, columns(Xv), yv, columns(Xt), yt)
+                A, Av, At = (torch.cat([F[g][:, keep[g]] for g in range(k + 1)], 1) for F in (X, Xv, Xt))
+                val, test = fit_prefix(A, y, Av, yv, At, yt)
                 for s, strength in enumerate(settings.final_strengths):
                     key = (val[s], -size)
                     if best is None or key > best[0]:

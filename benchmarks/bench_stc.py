@@ -34,6 +34,7 @@ from stc_transformers.extraction import extract_features
 from stc_transformers.metrics import compute_metrics
 from stc_transformers.probes import fit_linear_probes, predict_probes
 from stc_transformers.selection import block_statistics
+from stc_transformers.tokenization import LengthSortedBatches
 from stc_transformers.trainer import predict_logits
 
 
@@ -46,15 +47,11 @@ def subsample(split, limit, seed):
 def plain_forward_seconds(path, tokenizer, texts, max_length, batch_size, dtype) -> float:
     """Wall time of one plain backbone pass (no hooks) over the texts, batched like the fit."""
     model = AutoModel.from_pretrained(path, dtype=dtype).eval()
-    encodings = tokenizer(texts, truncation=True, max_length=max_length)
-    order = np.argsort([-len(ids) for ids in encodings["input_ids"]], kind="stable")
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encodings]
+    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     started = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad([{c: encodings[c][i] for c in columns} for i in rows], return_tensors="pt")
-            model(**batch)
+        for number in range(len(batches)):
+            model(**batches.batch(number))
     return time.perf_counter() - started
 
 

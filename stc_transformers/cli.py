@@ -77,10 +77,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_fitted_model(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
-
-
 def _spaced(values) -> str:
     return " ".join(f"{v:g}" for v in values)
 
@@ -120,6 +116,10 @@ def _add_data_arguments(parser, *, labels: bool = True):
                  "(multi-label), floats (regression)",
         )
     return group
+
+
+def _add_fitted_model(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", required=True, help="a fitted STC checkpoint: local folder or Hub id")
 
 
 def _add_model_runtime(parser):

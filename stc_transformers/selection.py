@@ -364,11 +364,8 @@ class SelectionSearch:
         """Fit a candidate on every training row (streamed from disk in chunks): (groups, standardisation, fit,
         validation outputs). Results are kept, so the final refit of a finalist is free."""
         key = (candidate.blocks, candidate.eta, candidate.layers, candidate.strength)
-        if key not in self._all_rows_fits:
-            self._all_rows_fits[key] = self._fit_on_disk(candidate, probes, stats)
-        return self._all_rows_fits[key]
-
-    def _fit_on_disk(self, candidate: Candidate, probes, stats):
+        if key in self._all_rows_fits:
+            return self._all_rows_fits[key]
         groups = self._groups(candidate.blocks, candidate.eta, probes, candidate.layers)
         matrix, validation = self._matrices(stats, groups)
         path = self.train.path / "selected_features.npy"
@@ -379,7 +376,8 @@ class SelectionSearch:
         del X
         path.unlink(missing_ok=True)
         outputs = predict_probes(validation.rows(self.val_rows)[None].to(self.device), fit)[0, 0].cpu()
-        return groups, matrix, fit, outputs
+        self._all_rows_fits[key] = groups, matrix, fit, outputs
+        return self._all_rows_fits[key]
 
     def _package(self, chosen: Candidate, groups, matrix: FeatureMatrix, fit, outputs) -> SelectionResult:
         """The chosen candidate's head, ready for `set_selection`."""

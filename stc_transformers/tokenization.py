@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def prepare_tokenizer(tokenizer, model=None):
     """Give a tokenizer without a pad token (GPT-2, Llama) one, and record its id on `model.config`.
@@ -33,8 +35,6 @@ class LengthSortedBatches:
     COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
     def __init__(self, tokenizer, texts: list[str], *, max_length: int | None, batch_size: int):
-        import numpy as np
-
         self.tokenizer = tokenizer
         self.encodings = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
         self.lengths = np.array([len(ids) for ids in self.encodings["input_ids"]])
