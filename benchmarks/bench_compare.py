@@ -155,8 +155,8 @@ def main(argv=None):
     ft_seconds = time.perf_counter() - started
     finetuned.eval()
     ft_logits = predict_logits(finetuned, tokenizer, list(test["text"]), max_length=args.max_length, progress=False)
-    results[f"Fine-tuning ({args.epochs:g} epochs)"] = {**compute_metrics(ft_logits, y_test, "single_label_classification"),
-                                         "fit_seconds": ft_seconds}
+    results[f"Fine-tuning ({args.epochs:g} epochs)"] = {
+        **compute_metrics(ft_logits, y_test, "single_label_classification"), "fit_seconds": ft_seconds}
     finetuned.save_pretrained(out / "finetuned")
     tokenizer.save_pretrained(out / "finetuned")
 
