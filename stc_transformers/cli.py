@@ -33,7 +33,8 @@ _FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".p
 # `base_model`). "smollm2" is left out: its weights are de-quantized from a Q4_1 GGUF file, not the originals.
 BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 # = the defaults of selection.SearchSettings (a test checks they agree; `stc --help` does not import torch)
-SEARCH_DEFAULTS = {"etas": (0.5, 0.8, 0.9, 0.95, 0.99), "strength_ratios": (0.5, 0.2, 0.1, 0.05, 0.02, 0.01),
+SEARCH_DEFAULTS = {"etas": (0.5, 0.8, 0.9, 0.95, 0.99),
+                   "strength_ratios": (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.003, 0.001),
                    "final_strengths": (0.01, 0.1, 1.0, 10.0), "search_samples": 3000, "max_iter": 100,
                    "finalists": 3, "early_exit_tolerance": 0.002}
 SOURCES = ("hidden", "mlp")

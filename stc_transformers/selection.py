@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .extraction import FeatureCache
-from .probes import fit_linear_probes, lambda_max, predict_probes, score_predictions, select_by_importance
+from .probes import ProbeFit, fit_linear_probes, lambda_max, predict_probes, score_predictions, select_by_importance
 
 
 METRIC_NAMES = {
@@ -41,7 +41,7 @@ METRIC_NAMES = {
 @dataclass
 class SearchSettings:
     etas: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
-    strength_ratios: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+    strength_ratios: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.003, 0.001)
     final_strengths: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0)
     search_samples: int = 3000
     max_iter: int = 100
@@ -105,20 +105,37 @@ class SelectionResult:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def take_rows(array: np.ndarray, index: np.ndarray, axis: int = 0) -> np.ndarray:
+    """`array` at sorted row ids `index` along `axis`. One contiguous run of ids is read as a slice (a view of a
+    memory map, which a later fancy index or copy reads once); other ids give a copy."""
+    if index.size and index[-1] - index[0] + 1 == index.size:
+        return array[(slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)]
+    return np.asarray(array[(slice(None),) * axis + (index,)])
+
+
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    """Per block, mean and scale `[layers, dim]` over all rows (float64 accumulation, zero variance -> scale 1)."""
+    """Per block, mean and scale `[layers, dim]` over all rows (zero variance -> scale 1).
+
+    Sums run over values shifted by the first row (float32 within a chunk, float64 across chunks), so the variance
+    keeps its precision even for features far from zero (e.g. near the fp16 maximum). Chunks are read into one reused buffer: fresh large
+    allocations are page-faulted in at a cost similar to the arithmetic.
+    """
     stats = {}
     for block in cache.blocks:
         array = cache.array(*block)
-        total = np.zeros(array.shape[::2], dtype=np.float64)
-        squares = np.zeros_like(total)
+        shift = torch.from_numpy(np.array(array[:, :1]))  # [layers, 1, dim]
+        total = torch.zeros(array.shape[::2], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        buffer = np.empty((array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2]), np.float32)
         for start in range(0, cache.num_texts, chunk_rows):
-            chunk = np.asarray(array[:, start : start + chunk_rows], dtype=np.float64)
-            total += chunk.sum(1)
-            squares += np.square(chunk).sum(1)
-        mean = total / cache.num_texts
-        variance = np.maximum(squares / cache.num_texts - np.square(mean), 0.0)
-        scale = np.sqrt(variance)
+            rows = min(chunk_rows, cache.num_texts - start)
+            np.copyto(buffer[:, :rows], array[:, start : start + rows])
+            chunk = torch.from_numpy(buffer[:, :rows]).sub_(shift)
+            total += chunk.sum(1)  # float32 within a chunk (fast), float64 across chunks
+            squares += chunk.square_().sum(1)
+        offset = (total / cache.num_texts).numpy()
+        mean = shift[:, 0].double().numpy() + offset
+        scale = np.sqrt(np.maximum(squares.numpy() / cache.num_texts - np.square(offset), 0.0))
         scale[scale < 1e-6 * (np.abs(mean) + 1.0)] = 1.0
         stats[block] = (mean.astype(np.float32), scale.astype(np.float32))
     return stats
@@ -140,12 +157,13 @@ class FeatureMatrix:
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Standardised features [len(index), F] of the given rows (sorted internally, returned in order)."""
         order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        parts = [np.asarray(self.arrays[b][layer, sorted_index][:, neurons]) for b, layer, neurons in self.groups]
-        values = (np.concatenate(parts, axis=1) - self.mean) / self.scale
-        out = np.empty_like(values)
-        out[order] = values
-        return torch.from_numpy(out.astype(np.float32, copy=False))
+        parts = [take_rows(self.arrays[b][layer], index[order])[:, neurons] for b, layer, neurons in self.groups]
+        values = np.concatenate(parts, axis=1)
+        values -= self.mean
+        values /= self.scale
+        if not np.array_equal(order, np.arange(len(order))):
+            values[order] = values.copy()
+        return torch.from_numpy(values)
 
     def materialize(self, path, chunk_rows: int) -> torch.Tensor:
         """All rows written to a memory-mapped file, returned as a zero-copy tensor (memory stays flat)."""
@@ -160,8 +178,10 @@ class FeatureMatrix:
 def block_rows(cache, stats, block, index: np.ndarray) -> torch.Tensor:
     """Standardised `[layers, len(index), dim]` of one block for sorted row ids."""
     mean, scale = stats[block]
-    values = np.asarray(cache.array(*block)[:, index])
-    return torch.from_numpy(((values - mean[:, None]) / scale[:, None]).astype(np.float32, copy=False))
+    values = np.array(take_rows(cache.array(*block), index, axis=1), dtype=np.float32)  # a writable copy
+    values -= mean[:, None]
+    values /= scale[:, None]
+    return torch.from_numpy(values)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,6 +220,7 @@ class SelectionSearch:
         # `search_samples` and the validation set, not by the training set)
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
+        self._sample_fits: dict[tuple, ProbeFit] = {}  # (blocks, eta, layers) -> L2 fits on the sample
         self._all_rows_fits: dict[tuple, tuple] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -268,11 +289,12 @@ class SelectionSearch:
         """Train and validation matrices of the same columns, both standardised with training statistics."""
         return FeatureMatrix(self.train, stats, groups), FeatureMatrix(self.validation, stats, groups)
 
-    def _integrate(self, layer_sets, groups) -> torch.Tensor:
+    def _integrate(self, family, eta, layer_sets, groups) -> torch.Tensor:
         """Validation scores [len(layer_sets), strengths] of the final L2 classifier on each layer set.
 
         Columns are ordered layer-major, so every prefix and every single layer is a contiguous column range:
-        each set is fitted on a slice of one matrix (all strengths at once).
+        each set is fitted on a slice of one matrix (all strengths at once). The fits are kept to warm-start
+        the refits on every training row.
         """
         X = torch.cat([self.sample_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
         X_val = torch.cat([self.validation_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
@@ -286,6 +308,7 @@ class SelectionSearch:
             start, stop = int(columns[0]), int(columns[-1]) + 1
             fit = self._fit(X[None, :, start:stop], self.y_train[self.sample], strengths, penalty="l2")
             scores[i] = self._score(X_val[None, :, start:stop], fit)[0][0].cpu()
+            self._sample_fits[(family, eta, tuple(layers))] = fit
         return scores
 
     def run(self) -> SelectionResult:
@@ -306,7 +329,7 @@ class SelectionSearch:
             for eta in self.settings.etas:
                 groups = self._groups(family, eta, probes, all_layers)
                 if groups:
-                    scores = self._integrate([all_layers], groups)
+                    scores = self._integrate(family, eta, [all_layers], groups)
                     candidates += self._candidates(family, eta, [all_layers], scores, groups)
                 bar.update(1)
         bar.close()
@@ -315,7 +338,7 @@ class SelectionSearch:
         # early exit and single layers for the best family and eta
         layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
         groups = self._groups(best.blocks, best.eta, probes, all_layers)
-        scores = self._integrate(layer_sets, groups)
+        scores = self._integrate(best.blocks, best.eta, layer_sets, groups)
         depth_candidates = self._candidates(best.blocks, best.eta, layer_sets, scores, groups)
         candidates += [c for c in depth_candidates if c.layers != all_layers]
         top = max(c.score for c in depth_candidates + [best])
@@ -372,12 +395,20 @@ class SelectionSearch:
         X = matrix.materialize(path, self.settings.chunk_rows)[None]
         fit = self._fit(X, self.y_train, torch.tensor([candidate.strength]), penalty="l2",
                         chunk_size=self.settings.chunk_rows, max_iter=self.settings.refit_max_iter,
-                        tol=self.settings.refit_tol)
+                        tol=self.settings.refit_tol, init=self._sample_fit(candidate))
         del X
         path.unlink(missing_ok=True)
         outputs = predict_probes(validation.rows(self.val_rows)[None].to(self.device), fit)[0, 0].cpu()
         self._all_rows_fits[key] = groups, matrix, fit, outputs
         return self._all_rows_fits[key]
+
+    def _sample_fit(self, candidate: Candidate) -> ProbeFit | None:
+        """The candidate's fit on the search sample (same columns and strength), a warm start for its refit."""
+        fit = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers))
+        if fit is None:
+            return None
+        s = self.settings.final_strengths.index(candidate.strength)
+        return ProbeFit(fit.weight[:, s : s + 1], fit.bias[:, s : s + 1], fit.n_iter, fit.converged[:, s : s + 1])
 
     def _package(self, chosen: Candidate, groups, matrix: FeatureMatrix, fit, outputs) -> SelectionResult:
         """The chosen candidate's head, ready for `set_selection`."""

@@ -1,0 +1,65 @@
+"""Row reading and standardisation of cached features (`selection.py`), checked against plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stc_transformers.extraction import FeatureCache
+from stc_transformers.selection import FeatureMatrix, block_rows, block_statistics, take_rows
+
+
+def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCache, dict]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        ("hidden", "mean"): (offset + rng.normal(0, 2, (3, num_texts, 5))).astype(np.float32),
+        ("mlp", "max"): rng.normal(1, 0.5, (3, num_texts, 7)).astype(np.float32),
+    }
+    arrays[("hidden", "mean")][:, :, 4] = offset + 3.0  # a constant feature
+    for (source, pooling), values in arrays.items():
+        np.save(tmp_path / f"{source}_{pooling}.npy", values)
+    blocks = [{"source": s, "pooling": p} for s, p in arrays]
+    return FeatureCache(tmp_path, {"num_texts": num_texts, "blocks": blocks}), arrays
+
+
+@pytest.mark.parametrize("index", [np.arange(40, 90), np.array([3, 7, 8, 200, 299]), np.array([], dtype=int)])
+def test_take_rows_reads_runs_and_scattered_rows_alike(tmp_path, index):
+    cache, arrays = make_cache(tmp_path)
+    array = cache.array("mlp", "max")
+    np.testing.assert_array_equal(np.asarray(take_rows(array, index, axis=1)), arrays[("mlp", "max")][:, index])
+    np.testing.assert_array_equal(np.asarray(take_rows(array[2], index)), arrays[("mlp", "max")][2, index])
+
+
+@pytest.mark.parametrize("offset", [0.0, 6e4])
+def test_block_statistics_match_numpy_in_float64(tmp_path, offset):
+    """Chunked, shifted float32 sums agree with float64 numpy, also for features far from zero."""
+    cache, arrays = make_cache(tmp_path, offset=offset)
+    stats = block_statistics(cache, chunk_rows=64)
+    for block, values in arrays.items():
+        mean, scale = stats[block]
+        reference = values.astype(np.float64)
+        np.testing.assert_allclose(mean, reference.mean(1), rtol=1e-6, atol=1e-6)
+        varying = reference.std(1) > 0
+        np.testing.assert_allclose(scale[varying], reference.std(1)[varying], rtol=1e-4)
+        assert (scale[~varying] == 1.0).all()
+
+
+def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path):
+    cache, arrays = make_cache(tmp_path)
+    stats = block_statistics(cache, chunk_rows=128)
+    groups = [(("hidden", "mean"), 0, np.array([1, 3])), (("mlp", "max"), 2, np.array([0, 5, 6]))]
+    matrix = FeatureMatrix(cache, stats, groups)
+    index = np.array([250, 4, 120, 5])
+    expected = np.concatenate(
+        [(arrays[b][layer][index][:, n] - stats[b][0][layer, n]) / stats[b][1][layer, n] for b, layer, n in groups], 1
+    )
+    np.testing.assert_allclose(matrix.rows(index).numpy(), expected, rtol=1e-6, atol=1e-6)
+    materialized = matrix.materialize(tmp_path / "selected.npy", chunk_rows=70).numpy()
+    np.testing.assert_allclose(materialized[index], expected, rtol=1e-6, atol=1e-6)
+    # block rows: the same standardisation for every layer and neuron, contiguous or not
+    mean, scale = stats[("mlp", "max")]
+    for rows in (np.arange(10, 60), np.array([0, 2, 299])):
+        block = block_rows(cache, stats, ("mlp", "max"), rows).numpy()
+        reference = (arrays[("mlp", "max")][:, rows] - mean[:, None]) / scale[:, None]
+        np.testing.assert_allclose(block, reference, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cache.array("mlp", "max"), arrays[("mlp", "max")])  # the cache is never modified
