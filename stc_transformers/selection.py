@@ -116,9 +116,9 @@ def take_rows(array: np.ndarray, index: np.ndarray, axis: int = 0) -> np.ndarray
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
     """Per block, mean and scale `[layers, dim]` over all rows (zero variance -> scale 1).
 
-    Sums run over values shifted by the first row (float32 within a chunk, float64 across chunks), so the variance
-    keeps its precision even for features far from zero (e.g. near the fp16 maximum). Chunks are read into one reused buffer: fresh large
-    allocations are page-faulted in at a cost similar to the arithmetic.
+    Sums run over values shifted by the first row (float32 within a chunk, float64 across chunks), so the
+    variance keeps its precision even for features far from zero (e.g. near the fp16 maximum). Chunks are read
+    into one reused buffer: fresh large allocations are page-faulted in at a cost similar to the arithmetic.
     """
     stats = {}
     for block in cache.blocks:
