@@ -12,8 +12,9 @@ Search, for each problem type:
    reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all layers' kept neurons;
    when the sample is smaller than the training set, the best `finalists` (family, eta) pairs are refitted on
    every training row and the best of those refits wins (fits on the sample undervalue larger neuron sets);
-3. for the best (family, eta): fit every layer prefix 0..k and every single layer k, pick the best, preferring
-   earlier exits within `early_exit_tolerance`;
+3. for the best (family, eta): fit every layer prefix 0..k and every single layer k; pick the earliest prefix within
+   `early_exit_tolerance` of the best score, and a single layer instead only when it beats that prefix by more than
+   the validation noise (see `_choose_depth`);
 4. refit the winner on all training rows.
 """
 
@@ -341,9 +342,7 @@ class SelectionSearch:
         scores = self._integrate(best.blocks, best.eta, layer_sets, groups)
         depth_candidates = self._candidates(best.blocks, best.eta, layer_sets, scores, groups)
         candidates += [c for c in depth_candidates if c.layers != all_layers]
-        top = max(c.score for c in depth_candidates + [best])
-        eligible = [c for c in depth_candidates if c.score >= top - self.settings.early_exit_tolerance]
-        chosen = min(eligible, key=lambda c: (max(c.layers), c.num_features, -c.score))
+        chosen = self._choose_depth(depth_candidates, best)
         seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
 
         result = self._package(chosen, *self._fit_all_rows(chosen, probes, stats))
@@ -352,6 +351,29 @@ class SelectionSearch:
         seconds["refit"] = time.perf_counter() - started - seconds["layer_probes"] - seconds["integration"]
         result.seconds = seconds
         return result
+
+    def _choose_depth(self, depth_candidates: list[Candidate], best: Candidate) -> Candidate:
+        """The prefix to exit after (the earliest within `early_exit_tolerance` of the best score), replaced by a single
+        layer only when that layer beats it by more than the validation noise.
+
+        A single layer is one of many candidates scored on the same validation rows; on small validation sets the
+        best of them wins by chance (measured: 212 BBC validation texts picked a single layer at 0.981 that scored
+        0.934 on test, against 0.962 for the prefix). The noise is the binomial standard error of the score,
+        sqrt(s (1 - s) / n) (accuracy, and approximately micro-F1); regression scores (R^2) use the tolerance alone.
+        """
+        tolerance = self.settings.early_exit_tolerance
+        prefixes = [c for c in depth_candidates if c.layers[0] == 0]
+        top = max(c.score for c in prefixes + [best])
+        chosen = min([c for c in prefixes if c.score >= top - tolerance],
+                     key=lambda c: (max(c.layers), c.num_features, -c.score))
+        singles = [c for c in depth_candidates if c.layers[0] != 0]
+        if not singles:
+            return chosen
+        single = max(singles, key=lambda c: (c.score, -max(c.layers), -c.num_features))
+        noise = 0.0
+        if self.task != "regression":
+            noise = math.sqrt(max(chosen.score * (1 - chosen.score), 0.0) / max(len(self.val_rows), 1))
+        return single if single.score > chosen.score + max(noise, tolerance) else chosen
 
     def _candidates(self, family, eta, layer_sets, scores, groups) -> list[Candidate]:
         sizes = {}

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from stc_transformers.extraction import FeatureCache
-from stc_transformers.selection import FeatureMatrix, block_rows, block_statistics, take_rows
+from stc_transformers.selection import (
+    Candidate,
+    FeatureMatrix,
+    SearchSettings,
+    SelectionSearch,
+    block_rows,
+    block_statistics,
+    take_rows,
+)
 
 
 def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCache, dict]:
@@ -63,3 +71,34 @@ def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path)
         reference = (arrays[("mlp", "max")][:, rows] - mean[:, None]) / scale[:, None]
         np.testing.assert_allclose(block, reference, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(cache.array("mlp", "max"), arrays[("mlp", "max")])  # the cache is never modified
+
+
+def depth_search(task="single_label_classification", num_validation=200) -> SelectionSearch:
+    search = SelectionSearch.__new__(SelectionSearch)  # only what `_choose_depth` reads
+    search.settings, search.task, search.val_rows = SearchSettings(), task, np.arange(num_validation)
+    return search
+
+
+def candidate(layers, score, num_features=100) -> Candidate:
+    return Candidate((("hidden", "mean"),), 0.9, tuple(layers), 1.0, score, num_features)
+
+
+def test_depth_choice_takes_the_earliest_prefix_within_tolerance():
+    prefixes = [candidate(range(k + 1), score) for k, score in enumerate([0.70, 0.80, 0.899, 0.90])]
+    assert depth_search()._choose_depth(prefixes, prefixes[-1]).layers == (0, 1, 2)
+
+
+@pytest.mark.parametrize("single_score, expected", [(0.91, (0, 1, 2)), (0.95, (2,))])
+def test_a_single_layer_must_beat_the_prefix_by_more_than_validation_noise(single_score, expected):
+    """200 validation rows at accuracy 0.9: the standard error is sqrt(0.9 * 0.1 / 200) = 0.021."""
+    prefixes = [candidate(range(k + 1), score) for k, score in enumerate([0.80, 0.85, 0.90])]
+    singles = [candidate([1], 0.84), candidate([2], single_score, num_features=30)]
+    assert depth_search()._choose_depth(prefixes + singles, prefixes[-1]).layers == expected
+    # a large validation set makes the same margin significant
+    assert depth_search(num_validation=20000)._choose_depth(prefixes + singles, prefixes[-1]).layers == (2,)
+
+
+def test_regression_depth_choice_uses_the_tolerance_alone():
+    prefixes = [candidate(range(k + 1), score) for k, score in enumerate([0.5, 0.6])]
+    single = candidate([1], 0.61)
+    assert depth_search("regression")._choose_depth(prefixes + [single], prefixes[-1]).layers == (1,)
