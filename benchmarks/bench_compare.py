@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_stc import sklearn_base, standardized, subsample, texts_per_second
+from bench_stc import sklearn_base, subsample, texts_per_second
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -39,7 +39,7 @@ from stc_transformers.backbones import resolve_backbone
 from stc_transformers.data import load_text_dataset
 from stc_transformers.extraction import extract_features
 from stc_transformers.metrics import compute_metrics
-from stc_transformers.selection import block_statistics
+from stc_transformers.selection import block_rows, block_statistics
 from stc_transformers.trainer import predict_logits
 
 
@@ -127,12 +127,13 @@ def main(argv=None):
     stats = block_statistics(caches[0], 4096)
     ys = [np.array(s["label"]) for s in (train, validation, test)]
     layers = dense.config.text_config.num_hidden_layers
-    last = [standardized(c, stats, ("hidden", "mean"), [layers - 1])[0].numpy() for c in caches]
+    rows = [np.arange(c.num_texts) for c in caches]
+    last = [block_rows(c, stats, ("hidden", "mean"), r, [layers - 1])[0].numpy() for c, r in zip(caches, rows)]
     started = time.perf_counter()
     results["Base"] = {**sklearn_base(last[0], ys[0], last[1], ys[1], last[2], ys[2], "single_label_classification"),
                        "fit_seconds": extraction_seconds + time.perf_counter() - started}
-    lastk = [torch.stack(standardized(c, stats, ("hidden", "mean"), range(max(0, layers - 5), layers)), 1)
-             for c in caches]
+    lastk = [block_rows(c, stats, ("hidden", "mean"), r, range(max(0, layers - 5), layers)).transpose(0, 1).contiguous()
+             for c, r in zip(caches, rows)]
     started = time.perf_counter()
     head = train_llmembed(lastk[0], torch.tensor(ys[0]), lastk[1], torch.tensor(ys[1]), len(set(ys[0])))
     with torch.no_grad():

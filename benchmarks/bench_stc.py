@@ -33,7 +33,7 @@ from stc_transformers.data import load_text_dataset
 from stc_transformers.extraction import extract_features
 from stc_transformers.metrics import compute_metrics
 from stc_transformers.probes import fit_linear_probes, predict_probes
-from stc_transformers.selection import block_statistics
+from stc_transformers.selection import block_rows, block_statistics
 from stc_transformers.tokenization import LengthSortedBatches
 from stc_transformers.trainer import predict_logits
 
@@ -64,13 +64,6 @@ def texts_per_second(model, tokenizer, texts, max_length, batch_size, repeats=2)
         predict_logits(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, progress=False)
         best = min(best, time.perf_counter() - started)
     return round(len(texts) / best, 1)
-
-
-def standardized(cache, stats, block, layers=None):
-    mean, scale = stats[block]
-    array = np.asarray(cache.array(*block))
-    layers = range(array.shape[0]) if layers is None else layers
-    return [torch.from_numpy((array[layer] - mean[layer]) / scale[layer]) for layer in layers]
 
 
 def l2_probe_score(X, y, X_val, y_val, X_test, y_test, task, num_labels, strengths=(1e-3, 1e-2, 1e-1, 1.0, 10.0)):
@@ -158,16 +151,18 @@ def main(argv=None):
     stats = block_statistics(caches[0], 4096)
     base_pooling = "last" if is_causal_backbone(dense.config.text_config) else "mean"
     num_layers = dense.config.text_config.num_hidden_layers
-    last = [standardized(c, stats, ("hidden", base_pooling), [num_layers - 1])[0].numpy() for c in caches]
+    rows = [np.arange(c.num_texts) for c in caches]
+    last_block = ("hidden", base_pooling)
+    last = [block_rows(c, stats, last_block, r, [num_layers - 1])[0].numpy() for c, r in zip(caches, rows)]
     base = sklearn_base(last[0], ys[0].numpy(), last[1], ys[1].numpy(), last[2], ys[2].numpy(), task)
 
     blocks = caches[0].blocks
     per_layer = {}
     for layer in range(num_layers):
-        Xs = [torch.cat([standardized(c, stats, b, [layer])[0] for b in blocks], 1) for c in caches]
+        Xs = [torch.cat([block_rows(c, stats, b, r, [layer])[0] for b in blocks], 1) for c, r in zip(caches, rows)]
         per_layer[layer] = l2_probe_score(Xs[0], ys[0], Xs[1], ys[1], Xs[2], ys[2], task, num_labels)
     best_layer = max(per_layer, key=lambda k: per_layer[k][1])
-    Xs = [torch.cat([x for b in blocks for x in standardized(c, stats, b)], 1) for c in caches]
+    Xs = [torch.cat([x for b in blocks for x in block_rows(c, stats, b, r)], 1) for c, r in zip(caches, rows)]
     concat, _ = l2_probe_score(Xs[0], ys[0], Xs[1], ys[1], Xs[2], ys[2], task, num_labels)
     total_features = Xs[0].shape[1]
     del Xs

@@ -176,10 +176,14 @@ class FeatureMatrix:
         return torch.from_numpy(out)
 
 
-def block_rows(cache, stats, block, index: np.ndarray) -> torch.Tensor:
-    """Standardised `[layers, len(index), dim]` of one block for sorted row ids."""
+def block_rows(cache, stats, block, index: np.ndarray, layers=None) -> torch.Tensor:
+    """Standardised `[layers, len(index), dim]` of one block for sorted row ids (all layers, or the given ones)."""
     mean, scale = stats[block]
-    values = np.array(take_rows(cache.array(*block), index, axis=1), dtype=np.float32)  # a writable copy
+    array = cache.array(*block)
+    if layers is not None:
+        layers = list(layers)
+        array, mean, scale = array[layers], mean[layers], scale[layers]
+    values = np.array(take_rows(array, index, axis=1), dtype=np.float32)  # a writable copy
     values -= mean[:, None]
     values /= scale[:, None]
     return torch.from_numpy(values)
@@ -221,7 +225,7 @@ class SelectionSearch:
         # `search_samples` and the validation set, not by the training set)
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
-        self._sample_fits: dict[tuple, ProbeFit] = {}  # (blocks, eta, layers) -> L2 fits on the sample
+        self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers) -> L2 fit on the sample, its scores
         self._all_rows_fits: dict[tuple, tuple] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -294,8 +298,9 @@ class SelectionSearch:
         """Validation scores [len(layer_sets), strengths] of the final L2 classifier on each layer set.
 
         Columns are ordered layer-major, so every prefix and every single layer is a contiguous column range:
-        each set is fitted on a slice of one matrix (all strengths at once). The fits are kept to warm-start
-        the refits on every training row.
+        each set is fitted on a slice of one matrix (all strengths at once). Fits and scores are kept: a set
+        fitted before (the all-layer set of the depth stage) is not fitted again, and the fits warm-start the
+        refits on every training row.
         """
         X = torch.cat([self.sample_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
         X_val = torch.cat([self.validation_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
@@ -303,13 +308,17 @@ class SelectionSearch:
         strengths = torch.tensor(self.settings.final_strengths)
         scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
         for i, layers in enumerate(layer_sets):
+            key = (family, eta, tuple(layers))
+            if key in self._sample_fits:
+                scores[i] = self._sample_fits[key][1]
+                continue
             columns = np.flatnonzero(np.isin(layer_of_column, list(layers)))
             if columns.size == 0:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
             fit = self._fit(X[None, :, start:stop], self.y_train[self.sample], strengths, penalty="l2")
             scores[i] = self._score(X_val[None, :, start:stop], fit)[0][0].cpu()
-            self._sample_fits[(family, eta, tuple(layers))] = fit
+            self._sample_fits[key] = fit, scores[i].clone()
         return scores
 
     def run(self) -> SelectionResult:
@@ -426,7 +435,7 @@ class SelectionSearch:
 
     def _sample_fit(self, candidate: Candidate) -> ProbeFit | None:
         """The candidate's fit on the search sample (same columns and strength), a warm start for its refit."""
-        fit = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers))
+        fit, _ = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers), (None, None))
         if fit is None:
             return None
         s = self.settings.final_strengths.index(candidate.strength)
