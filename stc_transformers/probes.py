@@ -609,6 +609,48 @@ def predict_probes(X, fit: ProbeFit, feature_mask=None) -> torch.Tensor:
     return Z.transpose(2, 3).contiguous()
 
 
+@dataclass
+class RowSpace:
+    """An L2 problem on X [n, d] with more features than rows, rewritten with n features.
+
+    With ``L L^T = X X^T + r I`` (Cholesky; ``r`` a ridge of ``ridge`` x the mean diagonal, so that a rank-deficient
+    Gram matrix still factors), the rows of ``L`` are the rows of ``[X, sqrt(r) I]`` in an orthonormal basis of its
+    row space. L2 penalties and logits do not change under that rotation, so probes fitted on ``L`` are the probes
+    of ``X`` up to the ridge columns, whose weights move training logits by about ``r / (n * strength)``: nothing
+    at ``ridge=1e-6``. The solver then reads an ``[n, n]`` matrix per iteration instead of ``[n, d]``.
+    """
+
+    X: torch.Tensor  # [n, d]
+    factor: torch.Tensor  # L [n, n], float64
+
+    @classmethod
+    def build(cls, X: torch.Tensor, gram: torch.Tensor | None = None, ridge: float = 1e-6) -> RowSpace | None:
+        """From X and optionally its Gram matrix ``X X^T``; None when it does not factor (then fit on X)."""
+        K = (X @ X.T if gram is None else gram).to(torch.float64)
+        K.diagonal().add_(ridge * float(K.diagonal().mean().clamp(min=1e-30)))
+        factor, info = torch.linalg.cholesky_ex(K)
+        return cls(X, factor) if int(info) == 0 else None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The training rows in the new basis: L [n, n]."""
+        return self.factor.to(self.X.dtype)
+
+    def transform(self, cross_gram: torch.Tensor) -> torch.Tensor:
+        """Other rows Z [m, d] in the new basis, from ``cross_gram = Z X^T`` [m, n]: ``Z X^T L^-T``."""
+        solved = torch.linalg.solve_triangular(self.factor, cross_gram.to(torch.float64).T, upper=False)
+        return solved.T.to(self.X.dtype)
+
+    def weights(self, fit: ProbeFit) -> ProbeFit:
+        """A fit on `features` ([1, S, n, C] weights) as weights of X's own features ([1, S, d, C])."""
+        _, S, n, C = fit.weight.shape
+        coefficients = torch.linalg.solve_triangular(  # L^-T W: [n, S*C]
+            self.factor.T, fit.weight[0].permute(1, 0, 2).reshape(n, S * C).to(torch.float64), upper=True
+        )
+        weight = (self.X.T @ coefficients.to(self.X.dtype)).reshape(-1, S, C).permute(1, 0, 2)
+        return ProbeFit(weight[None].contiguous(), fit.bias, fit.n_iter, fit.converged)
+
+
 def probe_objective(X, Y, task, fit: ProbeFit, strengths, *, penalty="l1") -> torch.Tensor:
     """Objective value [G, S] (mean loss + penalty) of ``fit``, e.g. to compare with another solver."""
     _check_task(task)

@@ -16,6 +16,9 @@ Search, for each problem type:
    `early_exit_tolerance` of the best score, and a single layer instead only when it beats that prefix by more than
    the validation noise (see `_choose_depth`);
 4. refit the winner on all training rows.
+
+The L2 fits of stages 2 and 3 run in the row space of the sample (`RowSpace`: an n x n factor of the Gram
+matrix, the same objective) whenever a candidate has more columns than the sample has rows, as on LLM backbones.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .extraction import FeatureCache
-from .probes import ProbeFit, fit_linear_probes, lambda_max, predict_probes, score_predictions, select_by_importance
+from .probes import (
+    ProbeFit,
+    RowSpace,
+    fit_linear_probes,
+    lambda_max,
+    predict_probes,
+    score_predictions,
+    select_by_importance,
+)
 
 
 METRIC_NAMES = {
@@ -205,6 +216,31 @@ def _families(blocks: list[tuple[str, str]], kind: str = "sources") -> list[tupl
     return families
 
 
+class _PrefixGrams:
+    """Gram matrices ``A A^T`` and ``A_val A^T`` of column ranges A = X[:, start:stop] (A_val of X_val alike).
+
+    Ranges from column 0 that grow (the layer prefixes 0..k, in order) add the new columns' products to the
+    previous result instead of recomputing it. Returned tensors are shared: do not modify them.
+    """
+
+    def __init__(self, X: torch.Tensor, X_val: torch.Tensor):
+        self.X, self.X_val = X, X_val
+        self.stop, self.gram, self.cross_gram = 0, None, None
+
+    def get(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start != 0:
+            A = self.X[:, start:stop]
+            return A @ A.T, self.X_val[:, start:stop] @ A.T
+        if self.gram is None or stop < self.stop:
+            n, m = self.X.shape[0], self.X_val.shape[0]
+            self.stop, self.gram, self.cross_gram = 0, self.X.new_zeros(n, n), self.X.new_zeros(m, n)
+        A = self.X[:, self.stop : stop]
+        self.gram.addmm_(A, A.T)
+        self.cross_gram.addmm_(self.X_val[:, self.stop : stop], A.T)
+        self.stop = stop
+        return self.gram, self.cross_gram
+
+
 class SelectionSearch:
     """Runs the search for one problem; see the module docstring."""
 
@@ -298,15 +334,18 @@ class SelectionSearch:
         """Validation scores [len(layer_sets), strengths] of the final L2 classifier on each layer set.
 
         Columns are ordered layer-major, so every prefix and every single layer is a contiguous column range:
-        each set is fitted on a slice of one matrix (all strengths at once). Fits and scores are kept: a set
-        fitted before (the all-layer set of the depth stage) is not fitted again, and the fits warm-start the
-        refits on every training row.
+        each set is fitted on a slice of one matrix (all strengths at once). A set with more columns than sample
+        rows is fitted in its row space (`RowSpace`, same objective); the Gram matrices of growing prefixes are
+        updated, not recomputed. Fits and scores are kept: a set fitted before (the all-layer set of the depth
+        stage) is not fitted again, and the fits warm-start the refits on every training row.
         """
-        X = torch.cat([self.sample_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
+        X = torch.cat([self.sample_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1).to(self.device)
         X_val = torch.cat([self.validation_blocks[b][layer][:, neurons] for b, layer, neurons in groups], 1)
+        X_val = X_val.to(self.device)
         layer_of_column = np.concatenate([np.full(len(n), layer) for _, layer, n in groups])
         strengths = torch.tensor(self.settings.final_strengths)
         scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
+        grams = _PrefixGrams(X, X_val)
         for i, layers in enumerate(layer_sets):
             key = (family, eta, tuple(layers))
             if key in self._sample_fits:
@@ -316,10 +355,23 @@ class SelectionSearch:
             if columns.size == 0:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
-            fit = self._fit(X[None, :, start:stop], self.y_train[self.sample], strengths, penalty="l2")
-            scores[i] = self._score(X_val[None, :, start:stop], fit)[0][0].cpu()
+            fit, scores[i] = self._fit_columns(X[:, start:stop], X_val[:, start:stop], strengths, grams, start)
             self._sample_fits[key] = fit, scores[i].clone()
         return scores
+
+    def _fit_columns(self, X, X_val, strengths, grams: _PrefixGrams, start: int) -> tuple[ProbeFit, torch.Tensor]:
+        """L2 fit on the sample and its validation scores [strengths]; in the row space when X is wider than tall."""
+        y = self.y_train[self.sample]
+        space = None
+        if X.shape[1] > X.shape[0]:
+            gram, cross_gram = grams.get(start, start + X.shape[1])
+            space = RowSpace.build(X, gram)
+        if space is None:
+            fit = self._fit(X[None], y, strengths, penalty="l2")
+            return fit, self._score(X_val[None], fit)[0][0].cpu()
+        fit = self._fit(space.features[None], y, strengths, penalty="l2")
+        scores = self._score(space.transform(cross_gram)[None], fit)[0][0].cpu()
+        return space.weights(fit), scores
 
     def run(self) -> SelectionResult:
         seconds = {}

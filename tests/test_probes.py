@@ -11,6 +11,7 @@ import torch
 from stc_transformers.probes import (
     TASKS,
     ProbeFit,
+    RowSpace,
     check_finite,
     fit_linear_probes,
     lambda_max,
@@ -189,6 +190,36 @@ def test_warm_start_converges_faster_to_the_same_solution():
                                atol=1e-6, rtol=0)
     again = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=cold, max_iter=5000, tol=1e-9)
     assert again.n_iter <= 3
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_row_space_fit_equals_the_fit_on_all_columns(task):
+    """More features than rows: the L2 fit on the n x n row-space factor is the fit on X, weights included."""
+    X, y = make_data(n=80, d=300, classes=3 if task == SINGLE else 1, seed=13)
+    X_val, _ = make_data(n=40, d=300, classes=3 if task == SINGLE else 1, seed=14)
+    Y = {SINGLE: y, MULTI: torch.stack([y > 0, y > 0.7], 1).double(), REGRESSION: y}[task]
+    strengths = torch.tensor([0.01, 0.1, 1.0])
+    direct = fit_linear_probes(X, Y, task, strengths, penalty="l2", **TIGHT)
+    space = RowSpace.build(X[0], ridge=1e-12)  # centred columns: X X^T is singular (all-ones null vector)
+    reduced = fit_linear_probes(space.features[None], Y, task, strengths, penalty="l2", **TIGHT)
+    assert space.features.shape == (80, 80)
+    mapped = space.weights(reduced)
+    torch.testing.assert_close(mapped.weight, direct.weight, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(mapped.bias, direct.bias, atol=1e-7, rtol=1e-6)
+    on_validation = predict_probes(space.transform(X_val[0] @ X[0].T)[None], reduced)
+    torch.testing.assert_close(on_validation, predict_probes(X_val, direct), atol=1e-7, rtol=1e-6)
+
+
+def test_row_space_of_repeated_rows():
+    """Duplicate rows make X X^T singular: the default ridge keeps it factorable and the fit unchanged."""
+    X, y = make_data(n=60, d=200, classes=2, seed=15)
+    X, y = torch.cat([X, X[:, :10]], 1), torch.cat([y, y[:10]])
+    direct = fit_linear_probes(X, y, SINGLE, torch.tensor([0.1]), penalty="l2", **TIGHT)
+    assert RowSpace.build(X[0], ridge=0.0) is None  # not positive definite: the caller fits on X instead
+    space = RowSpace.build(X[0])
+    reduced = fit_linear_probes(space.features[None], y, SINGLE, torch.tensor([0.1]), penalty="l2", **TIGHT)
+    torch.testing.assert_close(predict_probes(X, space.weights(reduced)), predict_probes(X, direct),
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from stc_transformers.extraction import FeatureCache
 from stc_transformers.selection import (
@@ -11,6 +12,7 @@ from stc_transformers.selection import (
     FeatureMatrix,
     SearchSettings,
     SelectionSearch,
+    _PrefixGrams,
     block_rows,
     block_statistics,
     take_rows,
@@ -102,3 +104,15 @@ def test_regression_depth_choice_uses_the_tolerance_alone():
     prefixes = [candidate(range(k + 1), score) for k, score in enumerate([0.5, 0.6])]
     single = candidate([1], 0.61)
     assert depth_search("regression")._choose_depth(prefixes + [single], prefixes[-1]).layers == (1,)
+
+
+def test_prefix_grams_grow_and_match_direct_products():
+    """Growing prefixes are updated in place, a shorter one or a range not from 0 is computed afresh."""
+    generator = torch.Generator().manual_seed(0)
+    X, X_val = torch.randn(20, 50, generator=generator, dtype=torch.float64), torch.randn(7, 50, dtype=torch.float64)
+    grams = _PrefixGrams(X, X_val)
+    for start, stop in [(0, 10), (0, 30), (0, 50), (0, 20), (10, 40)]:
+        gram, cross = grams.get(start, stop)
+        A = X[:, start:stop]
+        torch.testing.assert_close(gram, A @ A.T)
+        torch.testing.assert_close(cross, X_val[:, start:stop] @ A.T)
