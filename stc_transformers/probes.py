@@ -688,6 +688,23 @@ def score_predictions(outputs: torch.Tensor, Y, task) -> torch.Tensor:
     return (1 - ss_res / ss_tot.clamp(min=torch.finfo(ss_tot.dtype).tiny)).mean(-1).to(torch.float32)
 
 
+def validation_loss(outputs: torch.Tensor, Y, task) -> torch.Tensor:
+    """Mean loss [G, S] of outputs [G, S, n, C]; lower is better. A proper scoring rule that separates candidates
+    whose accuracy ties: softmax cross-entropy (single-label), sigmoid cross-entropy (multi-label), squared error
+    (regression)."""
+    _check_task(task)
+    Y = torch.as_tensor(Y, device=outputs.device)
+    Z = outputs.to(torch.float64)
+    if task == "single_label_classification":
+        picked = Z.gather(-1, Y.reshape(1, 1, -1, 1).long().expand(*Z.shape[:2], -1, 1))[..., 0]
+        return (torch.logsumexp(Z, -1) - picked).mean(-1)
+    Y = Y.to(Z.dtype)
+    Y = Y[:, None] if Y.dim() == 1 else Y
+    if task == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(Z, Y.expand_as(Z), reduction="none").sum(-1).mean(-1)
+    return (Z - Y).square().sum(-1).mean(-1)
+
+
 def macro_f1(outputs: torch.Tensor, Y) -> torch.Tensor:
     """Macro-F1 [G, S] of single-label outputs [G, S, n, C], over the classes present in Y or predicted."""
     Y = torch.as_tensor(Y, device=outputs.device).reshape(-1).long()

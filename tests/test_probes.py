@@ -20,13 +20,14 @@ from stc_transformers.probes import (
     probe_objective,
     score_predictions,
     select_by_importance,
+    validation_loss,
 )
 
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.linear_model import Lasso, LogisticRegression  # noqa: E402
-from sklearn.metrics import f1_score, r2_score  # noqa: E402
+from sklearn.metrics import f1_score, log_loss, mean_squared_error, r2_score  # noqa: E402
 
 
 SINGLE, MULTI, REGRESSION = TASKS
@@ -276,6 +277,23 @@ def test_scores_match_sklearn_metrics():
     targets = torch.from_numpy(rng.normal(size=(50, 2)))
     r2 = score_predictions(outputs[..., :2] + targets, targets, REGRESSION)
     assert r2[1, 2].item() == pytest.approx(r2_score(targets.numpy(), (outputs[1, 2, :, :2] + targets).numpy()))
+
+
+def test_validation_loss_matches_sklearn():
+    rng = np.random.default_rng(1)
+    outputs = torch.from_numpy(rng.normal(size=(2, 3, 40, 4)) * 3)
+    y = torch.from_numpy(rng.integers(0, 4, size=40))
+    loss = validation_loss(outputs, y, SINGLE)
+    assert loss.shape == (2, 3)
+    probabilities = torch.softmax(outputs[1, 2], -1).numpy()
+    assert loss[1, 2].item() == pytest.approx(log_loss(y.numpy(), probabilities, labels=range(4)))
+    labels = torch.from_numpy(rng.integers(0, 2, size=(40, 4))).double()
+    multi = validation_loss(outputs, labels, MULTI)
+    per_label = [log_loss(labels[:, c].numpy(), torch.sigmoid(outputs[0, 1, :, c]).numpy()) for c in range(4)]
+    assert multi[0, 1].item() == pytest.approx(sum(per_label))
+    targets = torch.from_numpy(rng.normal(size=40))
+    mse = validation_loss(outputs[..., :1], targets, REGRESSION)
+    assert mse[0, 0].item() == pytest.approx(mean_squared_error(targets.numpy(), outputs[0, 0, :, 0].numpy()))
 
 
 # ------------------------------------------------------------------------------------------ select_by_importance

@@ -81,8 +81,8 @@ def depth_search(task="single_label_classification", num_validation=200) -> Sele
     return search
 
 
-def candidate(layers, score, num_features=100) -> Candidate:
-    return Candidate((("hidden", "mean"),), 0.9, tuple(layers), 1.0, score, num_features)
+def candidate(layers, score, num_features=100, loss=0.5) -> Candidate:
+    return Candidate((("hidden", "mean"),), 0.9, tuple(layers), 1.0, score, num_features, loss)
 
 
 def test_depth_choice_takes_the_earliest_prefix_within_tolerance():
@@ -116,3 +116,21 @@ def test_prefix_grams_grow_and_match_direct_products():
         A = X[:, start:stop]
         torch.testing.assert_close(gram, A @ A.T)
         torch.testing.assert_close(cross, X_val[:, start:stop] @ A.T)
+
+
+def test_tie_break_takes_the_lowest_loss_among_scores_within_noise():
+    """200 validation rows at accuracy 0.9: standard error 0.021, so 0.885 ties with 0.9 and 0.85 does not."""
+    tied = candidate(range(3), 0.885, num_features=300, loss=0.30)
+    best = candidate(range(3), 0.90, num_features=100, loss=0.35)
+    worse = candidate(range(3), 0.85, num_features=50, loss=0.20)
+    search = depth_search()
+    assert search._tie_break([best, tied, worse], lambda c: c.score, lambda c: c.loss) is tied
+    # equal losses go to fewer neurons; with 20000 rows the same gap is significant
+    same_loss = candidate(range(3), 0.885, num_features=80, loss=0.35)
+    assert search._tie_break([best, same_loss], lambda c: c.score, lambda c: c.loss) is same_loss
+    assert depth_search(num_validation=20000)._tie_break([best, tied], lambda c: c.score, lambda c: c.loss) is best
+
+
+def test_regression_tie_break_needs_equal_scores():
+    a, b = candidate(range(2), 0.61, loss=0.9), candidate(range(2), 0.60, loss=0.1)
+    assert depth_search("regression")._tie_break([a, b], lambda c: c.score, lambda c: c.loss) is a
