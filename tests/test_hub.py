@@ -112,8 +112,9 @@ np.save(out + "/again.npy", again(input_ids=ids, attention_mask=mask).logits.det
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "remote.npy")), expected, rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "again.npy")), expected, rtol=0, atol=0)
+    # another process: CPU kernels may sum in another order (memory alignment), so not bit for bit
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "remote.npy")), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "again.npy")), expected, rtol=1e-5, atol=1e-6)
     second = hub.root / "me/stc-two"
     for name in MODELING_FILES:
         assert (second / name).is_file(), name

@@ -257,7 +257,8 @@ np.save(path + "/remote.npy", model(input_ids=ids, attention_mask=mask).logits.d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "remote.npy")), expected, rtol=0, atol=0)
+    # another process: CPU kernels may sum in another order (memory alignment), so not bit for bit
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "remote.npy")), expected, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------------
