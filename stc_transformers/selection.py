@@ -222,7 +222,8 @@ def _families(blocks: list[tuple[str, str]], kind: str = "sources") -> list[tupl
 
 
 class _PrefixGrams:
-    """Gram matrices ``A A^T`` and ``A_val A^T`` of column ranges A = X[:, start:stop] (A_val of X_val alike).
+    """The sample and validation columns X, X_val of one candidate, and the Gram matrices ``A A^T`` and ``A_val A^T``
+    of their column ranges A = X[:, start:stop] (A_val of X_val alike).
 
     Ranges from column 0 that grow (the layer prefixes 0..k, in order) add the new columns' products to the
     previous result instead of recomputing it. Returned tensors are shared: do not modify them.
@@ -260,13 +261,14 @@ class SelectionSearch:
         n = train.num_texts
         self.sample = np.sort(rng.choice(n, settings.search_samples, replace=False)) if n > settings.search_samples \
             else np.arange(n)
+        self.y_sample = self.y_train[self.sample]
         self.val_rows = np.arange(validation.num_texts)
         self.num_layers = train.meta["blocks"][0]["num_layers"]
         # standardised search sample and validation rows per block, kept from stage 1 (size bounded by
         # `search_samples` and the validation set, not by the training set)
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
-        self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers) -> L2 fit on the sample, its scores
+        self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers) -> L2 fit on the sample, scores, losses
         self._all_rows_fits: dict[tuple, tuple] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -278,9 +280,15 @@ class SelectionSearch:
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None,
                                  **kwargs)
 
-    def _score(self, X_val, fit, feature_mask=None):
-        outputs = predict_probes(X_val.to(self.device), fit, feature_mask=feature_mask)
-        return score_predictions(outputs, self.y_validation.to(self.device), self.task), outputs
+    def _score(self, X_val, fit) -> torch.Tensor:
+        """Validation scores [G, S] of fitted probes."""
+        outputs = predict_probes(X_val.to(self.device), fit)
+        return score_predictions(outputs, self.y_validation.to(self.device), self.task)
+
+    def _judge(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation scores and losses [G, S] of outputs [G, S, n_val, C]."""
+        y = self.y_validation.to(outputs.device)
+        return score_predictions(outputs, y, self.task), validation_loss(outputs, y, self.task)
 
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, disable=not self.settings.progress, unit="fit")
@@ -290,7 +298,7 @@ class SelectionSearch:
     def layer_probes(self, stats):
         """Best L1 probe per block and layer: weights [layers, dim, C] and validation scores [layers]."""
         results = {}
-        y = self.y_train[self.sample]
+        y = self.y_sample
         ratios = torch.tensor(self.settings.strength_ratios)
         bar = self._bar(len(self.train.blocks), "Layer probes")
         for block in self.train.blocks:
@@ -301,12 +309,12 @@ class SelectionSearch:
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None)
             strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
             fit = self._fit(X, y, strengths)
-            scores, _ = self._score(X_val, fit)
+            scores = self._score(X_val, fit)
             # extend the grid towards weaker penalties when the best strength sits at the weak edge
             if (scores.argmax(1) == strengths.shape[1] - 1).any():
                 weaker = strengths[:, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
                 extra = self._fit(X, y, weaker)
-                extra_scores, _ = self._score(X_val, extra)
+                extra_scores = self._score(X_val, extra)
                 strengths = torch.cat([strengths, weaker], 1)
                 scores = torch.cat([scores, extra_scores], 1)
                 fit.weight = torch.cat([fit.weight, extra.weight], 1)
@@ -361,24 +369,24 @@ class SelectionSearch:
             if columns.size == 0:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
-            fit, outputs = self._fit_columns(X[:, start:stop], X_val[:, start:stop], strengths, grams, start)
-            scores[i] = score_predictions(outputs, self.y_validation.to(outputs.device), self.task)[0].cpu()
-            losses[i] = validation_loss(outputs, self.y_validation.to(outputs.device), self.task)[0].cpu()
+            fit, outputs = self._fit_columns(grams, start, stop, strengths)
+            score, loss = self._judge(outputs)
+            scores[i], losses[i] = score[0].cpu(), loss[0].cpu()
             self._sample_fits[key] = fit, scores[i].clone(), losses[i].clone()
         return scores, losses
 
-    def _fit_columns(self, X, X_val, strengths, grams: _PrefixGrams, start: int) -> tuple[ProbeFit, torch.Tensor]:
-        """L2 fit on the sample and its validation outputs [1, S, n_val, C]; in the row space when X is wider than
-        tall."""
-        y = self.y_train[self.sample]
+    def _fit_columns(self, grams: _PrefixGrams, start: int, stop: int, strengths) -> tuple[ProbeFit, torch.Tensor]:
+        """L2 fit on the sample's columns start:stop and its validation outputs [1, S, n_val, C]; in the row space
+        when the columns outnumber the rows."""
+        X, X_val = grams.X[:, start:stop], grams.X_val[:, start:stop]
         space = None
         if X.shape[1] > X.shape[0]:
-            gram, cross_gram = grams.get(start, start + X.shape[1])
+            gram, cross_gram = grams.get(start, stop)
             space = RowSpace.build(X, gram)
         if space is None:
-            fit = self._fit(X[None], y, strengths, penalty="l2")
+            fit = self._fit(X[None], self.y_sample, strengths, penalty="l2")
             return fit, predict_probes(X_val[None], fit)
-        fit = self._fit(space.features[None], y, strengths, penalty="l2")
+        fit = self._fit(space.features[None], self.y_sample, strengths, penalty="l2")
         return space.weights(fit), predict_probes(space.transform(cross_gram)[None], fit)
 
     def run(self) -> SelectionResult:
@@ -468,11 +476,9 @@ class SelectionSearch:
         finalists = finalists[: self.settings.finalists]
         if len(self.sample) == self.train.num_texts or len(finalists) < 2:
             return self._tie_break(ranked, lambda c: c.score, lambda c: c.loss)
-        y = self.y_validation
         for candidate in finalists:
-            outputs = self._fit_all_rows(candidate, probes, stats)[3][None, None]
-            candidate.all_rows_score = float(score_predictions(outputs, y, self.task)[0, 0])
-            candidate.all_rows_loss = float(validation_loss(outputs, y, self.task)[0, 0])
+            score, loss = self._judge(self._fit_all_rows(candidate, probes, stats)[3][None, None])
+            candidate.all_rows_score, candidate.all_rows_loss = float(score[0, 0]), float(loss[0, 0])
         return self._tie_break(finalists, lambda c: c.all_rows_score, lambda c: c.all_rows_loss)
 
     def _noise(self, score: float) -> float:
