@@ -94,6 +94,33 @@ class FeatureCache:
         """Memory-mapped `[num_layers, num_texts, dim]` float32 array of one (source, pooling) block."""
         return np.load(self.path / f"{source}_{pooling}.npy", mmap_mode=mode)
 
+    def read_rows(self, source: str, pooling: str, start: int, stop: int, layers=None, out=None) -> np.ndarray:
+        """Rows start:stop of one block, `[layers, stop - start, dim]` float32 (all layers or the given ones), into
+        `out` when given. Plain file reads: several times faster than the first touch of a memory map's pages.
+
+        A new `out` comes from torch's allocator: numpy asks the kernel for huge pages for large arrays, and where
+        the kernel defragments memory for them on demand (`transparent_hugepage/defrag = madvise`, a common default)
+        the first touch of such an array stalls (measured: twice the time of the whole read)."""
+        array = self.array(source, pooling)
+        num_layers, num_texts, dim = array.shape
+        if not 0 <= start <= stop <= num_texts:
+            raise IndexError(f"rows {start}:{stop} out of range for {num_texts} texts")
+        layers = range(num_layers) if layers is None else list(layers)
+        if out is None:
+            out = torch.empty((len(layers), stop - start, dim), dtype=torch.float32).numpy()
+        row_bytes = dim * array.itemsize
+        with open(array.filename, "rb", buffering=0) as file:
+            for position, layer in enumerate(layers):
+                target = memoryview(out[position]).cast("B")
+                file.seek(array.offset + (layer * num_texts + start) * row_bytes)
+                done = 0
+                while done < target.nbytes:
+                    read = file.readinto(target[done:])
+                    if not read:
+                        raise OSError(f"{array.filename} is shorter than its header says: re-extract the features")
+                    done += read
+        return out
+
     def tensor(self, source: str, pooling: str) -> torch.Tensor:
         """Zero-copy torch view of a block (read-only memory map)."""
         return torch.from_numpy(np.asarray(self.array(source, pooling, mode="c")))

@@ -29,6 +29,8 @@ Solver:
   below ``tol`` for 10 consecutive steps; a single small step is not enough, since the step right after a
   momentum restart is typically 10-100x shorter than the ones around it. Strengths converged in every group
   leave the batch, so late iterations only pay for the problems still running;
+* on CPU the groups are solved a few at a time (`_groups_per_pass`), so that their features stay in the
+  processor's cache across iterations; groups are independent problems, so the results do not change;
 * with row chunking (large ``n``) logits are recomputed per chunk instead of stored: the same iterates (up to
   rounding), with temporary memory bounded by one chunk;
 * binary single-label problems are solved as one sigmoid output ``v`` and returned as ``W = [-v/2, v/2]``,
@@ -54,6 +56,10 @@ _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
 _CAP = 2.0  # L never exceeds twice the power-iteration estimate of the global Lipschitz constant
 _QUIET_STEPS = 10  # a problem stops after this many consecutive steps with a relative change below tol
+# On CPU, groups are solved a few at a time so that their features stay in the processor's cache over the
+# iterations instead of being read from memory every time (SmolLM2 MLP layers, [2000, 1536] each: 6.3 s for 30
+# groups at once, 4.0 s two at a time)
+_CACHE_BYTES = 48 << 20
 
 _NON_FINITE = (
     "{name} contains NaN or infinite values: the features overflowed (typically hidden states extracted in "
@@ -132,6 +138,11 @@ class _Problem:
     @property
     def K(self) -> int:
         return self.target.shape[0]
+
+    def groups(self, start: int, stop: int) -> "_Problem":
+        """The same problem restricted to groups start:stop."""
+        mask = None if self.mask is None else self.mask[start:stop]
+        return _Problem(self.X[start:stop], self.target, self.loss, mask, self.binary)
 
 
 def _make_problem(X, Y, task, feature_mask=None, num_classes=None) -> _Problem:
@@ -589,11 +600,28 @@ def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None,
     else:
         W = problem.X.new_zeros(G, S, K, d)
         b = _intercept_only(problem)[:, None, :].expand(G, S, K).contiguous()
-    L0 = _lipschitz(problem)
-    ev = _Evaluator(problem, chunk_size if chunk_size else _default_chunk(problem, S))
-    W, b, n_iter, converged = _fista(ev, W, b, lam, L0, penalty, max_iter, tol)
+    per_pass = _groups_per_pass(problem.X)
+    parts = []
+    for start in range(0, G, per_pass):
+        stop = min(start + per_pass, G)
+        part = problem.groups(start, stop)
+        ev = _Evaluator(part, chunk_size if chunk_size else _default_chunk(part, S))
+        parts.append(_fista(ev, W[start:stop], b[start:stop], lam[start:stop], _lipschitz(part), penalty, max_iter, tol))
+    W, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    converged = torch.cat([p[3] for p in parts])
     weight, bias = _to_public(W, b, problem)
-    return ProbeFit(weight=weight, bias=bias, n_iter=n_iter, converged=converged)
+    return ProbeFit(weight=weight, bias=bias, n_iter=max(p[2] for p in parts), converged=converged)
+
+
+def _groups_per_pass(X: torch.Tensor) -> int:
+    """How many groups the solver iterates over together: all of them on an accelerator; on CPU a multiple of the
+    thread count (the batched products split groups over threads) whose features fit in `_CACHE_BYTES`."""
+    G = X.shape[0]
+    if X.device.type != "cpu":
+        return G
+    threads = max(1, torch.get_num_threads())
+    group_bytes = max(1, X[0].numel() * X.element_size())
+    return min(G, threads * max(1, _CACHE_BYTES // (threads * group_bytes)))
 
 
 def predict_probes(X, fit: ProbeFit, feature_mask=None) -> torch.Tensor:

@@ -125,9 +125,27 @@ class SelectionResult:
 def take_rows(array: np.ndarray, index: np.ndarray, axis: int = 0) -> np.ndarray:
     """`array` at sorted row ids `index` along `axis`. One contiguous run of ids is read as a slice (a view of a
     memory map, which a later fancy index or copy reads once); other ids give a copy."""
-    if index.size and index[-1] - index[0] + 1 == index.size:
+    if is_run(index):
         return array[(slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)]
     return np.asarray(array[(slice(None),) * axis + (index,)])
+
+
+def is_run(index: np.ndarray) -> bool:
+    """Whether sorted row ids form one contiguous run (read from a cache with `FeatureCache.read_rows`)."""
+    return bool(index.size) and int(index[-1]) - int(index[0]) + 1 == index.size
+
+
+def read_block(cache: FeatureCache, block, index: np.ndarray, layers=None) -> np.ndarray:
+    """`[layers, len(index), dim]` of one block at sorted row ids (all layers or the given ones): file reads for
+    a contiguous run, a memory-map gather for scattered rows (e.g. a small sample of a large cache)."""
+    if is_run(index):
+        return cache.read_rows(*block, int(index[0]), int(index[-1]) + 1, layers)
+    array = cache.array(*block)
+    layers = range(array.shape[0]) if layers is None else list(layers)
+    out = torch.empty(len(layers), len(index), array.shape[2]).numpy()  # not numpy's allocator: see `read_rows`
+    for position, layer in enumerate(layers):
+        out[position] = array[layer][index]
+    return out
 
 
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
@@ -143,10 +161,10 @@ def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, st
         shift = torch.from_numpy(np.array(array[:, :1]))  # [layers, 1, dim]
         total = torch.zeros(array.shape[::2], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        buffer = np.empty((array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2]), np.float32)
+        buffer = torch.empty(array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2]).numpy()
         for start in range(0, cache.num_texts, chunk_rows):
             rows = min(chunk_rows, cache.num_texts - start)
-            np.copyto(buffer[:, :rows], array[:, start : start + rows])
+            cache.read_rows(*block, start, start + rows, out=buffer[:, :rows])
             chunk = torch.from_numpy(buffer[:, :rows]).sub_(shift)
             total += chunk.sum(1)  # float32 within a chunk (fast), float64 across chunks
             squares += chunk.square_().sum(1)
@@ -163,7 +181,6 @@ class FeatureMatrix:
 
     def __init__(self, cache: FeatureCache, stats, groups: list[tuple[tuple[str, str], int, np.ndarray]]):
         self.cache, self.groups = cache, groups
-        self.arrays = {block: cache.array(*block) for block in {g[0] for g in groups}}
         self.mean = np.concatenate([stats[b][0][layer, neurons] for b, layer, neurons in groups])
         self.scale = np.concatenate([stats[b][1][layer, neurons] for b, layer, neurons in groups])
 
@@ -174,32 +191,31 @@ class FeatureMatrix:
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Standardised features [len(index), F] of the given rows (sorted internally, returned in order)."""
         order = np.argsort(index, kind="stable")
-        parts = [take_rows(self.arrays[b][layer], index[order])[:, neurons] for b, layer, neurons in self.groups]
-        values = np.concatenate(parts, axis=1)
-        values -= self.mean
-        values /= self.scale
+        parts = [torch.from_numpy(read_block(self.cache, block, index[order], [layer])[0])
+                 .index_select(1, torch.as_tensor(neurons, dtype=torch.long)) for block, layer, neurons in self.groups]
+        values = torch.cat(parts, 1).sub_(torch.from_numpy(self.mean)).div_(torch.from_numpy(self.scale))
         if not np.array_equal(order, np.arange(len(order))):
-            values[order] = values.copy()
-        return torch.from_numpy(values)
+            values[torch.from_numpy(order)] = values.clone()
+        return values
 
     def materialize(self, path, chunk_rows: int) -> torch.Tensor:
         """All rows written to a memory-mapped file, returned as a zero-copy tensor (memory stays flat)."""
-        out = np.lib.format.open_memmap(path, "w+", np.float32, (self.cache.num_texts, self.num_features))
-        for start in range(0, self.cache.num_texts, chunk_rows):
-            stop = min(start + chunk_rows, self.cache.num_texts)
-            out[start:stop] = self.rows(np.arange(start, stop)).numpy()
-        out.flush()
-        return torch.from_numpy(out)
+        shape = (self.cache.num_texts, self.num_features)
+        offset = np.lib.format.open_memmap(path, "w+", np.float32, shape).offset
+        with open(path, "r+b") as file:  # file writes: faster than first touches of the map's pages
+            file.seek(offset)
+            for start in range(0, self.cache.num_texts, chunk_rows):
+                file.write(self.rows(np.arange(start, min(start + chunk_rows, self.cache.num_texts))).numpy().data)
+        return torch.from_numpy(np.load(path, mmap_mode="r+"))
 
 
 def block_rows(cache, stats, block, index: np.ndarray, layers=None) -> torch.Tensor:
     """Standardised `[layers, len(index), dim]` of one block for sorted row ids (all layers, or the given ones)."""
     mean, scale = stats[block]
-    array = cache.array(*block)
     if layers is not None:
         layers = list(layers)
-        array, mean, scale = array[layers], mean[layers], scale[layers]
-    values = np.array(take_rows(array, index, axis=1), dtype=np.float32)  # a writable copy
+        mean, scale = mean[layers], scale[layers]
+    values = read_block(cache, block, index, layers)
     values -= mean[:, None]
     values /= scale[:, None]
     return torch.from_numpy(values)
@@ -310,18 +326,19 @@ class SelectionSearch:
             strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
             fit = self._fit(X, y, strengths)
             scores = self._score(X_val, fit)
-            # extend the grid towards weaker penalties when the best strength sits at the weak edge
-            if (scores.argmax(1) == strengths.shape[1] - 1).any():
-                weaker = strengths[:, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
-                extra = self._fit(X, y, weaker)
-                extra_scores = self._score(X_val, extra)
-                strengths = torch.cat([strengths, weaker], 1)
-                scores = torch.cat([scores, extra_scores], 1)
-                fit.weight = torch.cat([fit.weight, extra.weight], 1)
-                fit.bias = torch.cat([fit.bias, extra.bias], 1)
+            weight = fit.weight
+            # extend the grid towards weaker penalties for the layers whose best strength sits at the weak edge
+            edge = torch.nonzero(scores.argmax(1) == strengths.shape[1] - 1).flatten().cpu()
+            if edge.numel():
+                weaker = strengths[edge, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
+                extra = self._fit(X[edge], y, weaker)
+                scores = torch.cat([scores, scores.new_full((scores.shape[0], 2), -math.inf)], 1)
+                scores[edge.to(scores.device), -2:] = self._score(X_val[edge], extra)
+                weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 2, *weight.shape[2:])], 1)
+                weight[edge.to(weight.device), -2:] = extra.weight
             best = scores.argmax(1)
             layers = torch.arange(best.numel())
-            results[block] = (fit.weight[layers, best].cpu(), scores.max(1).values.cpu())
+            results[block] = (weight[layers, best].cpu(), scores.max(1).values.cpu())
             bar.update(1)
         bar.close()
         return results

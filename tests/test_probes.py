@@ -180,6 +180,30 @@ def test_batched_groups_equal_separate_fits():
         assert (fit.converged[g] == alone.converged[0]).all()
 
 
+def test_groups_solved_a_few_at_a_time_equal_one_pass(monkeypatch):
+    """On CPU groups whose features exceed the cache budget are solved in passes; masks, per-group strengths and
+    warm starts follow their groups."""
+    from stc_transformers import probes
+
+    X, y = make_data(groups=5, classes=3, seed=9)
+    mask = torch.ones(5, 12, dtype=torch.bool)
+    mask[1, 4:] = False
+    strengths = torch.tensor([[0.003, 0.02], [0.005, 0.01], [0.01, 0.04], [0.002, 0.03], [0.004, 0.008]])
+    init = fit_linear_probes(X, y, SINGLE, strengths * 1.5, max_iter=20)
+    kwargs = dict(feature_mask=mask, init=init, max_iter=400)
+    monkeypatch.setattr(probes, "_CACHE_BYTES", 1 << 40)
+    assert probes._groups_per_pass(X) == 5
+    whole = fit_linear_probes(X, y, SINGLE, strengths, **kwargs)
+    monkeypatch.setattr(probes, "_CACHE_BYTES", 1)
+    assert probes._groups_per_pass(X) == min(5, torch.get_num_threads())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert probes._groups_per_pass(X) == 2  # passes of 2, 2 and 1 groups
+    passes = fit_linear_probes(X, y, SINGLE, strengths, **kwargs)
+    torch.testing.assert_close(passes.weight, whole.weight, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(passes.bias, whole.bias, atol=1e-9, rtol=1e-9)
+    assert torch.equal(passes.converged, whole.converged) and passes.n_iter == whole.n_iter
+
+
 def test_warm_start_converges_faster_to_the_same_solution():
     X, y = make_data(classes=3, seed=7)
     cold = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), max_iter=5000, tol=1e-9)

@@ -28,7 +28,7 @@ def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCach
     arrays[("hidden", "mean")][:, :, 4] = offset + 3.0  # a constant feature
     for (source, pooling), values in arrays.items():
         np.save(tmp_path / f"{source}_{pooling}.npy", values)
-    blocks = [{"source": s, "pooling": p} for s, p in arrays]
+    blocks = [{"source": s, "pooling": p, "num_layers": v.shape[0], "dim": v.shape[2]} for (s, p), v in arrays.items()]
     return FeatureCache(tmp_path, {"num_texts": num_texts, "blocks": blocks}), arrays
 
 
@@ -38,6 +38,19 @@ def test_take_rows_reads_runs_and_scattered_rows_alike(tmp_path, index):
     array = cache.array("mlp", "max")
     np.testing.assert_array_equal(np.asarray(take_rows(array, index, axis=1)), arrays[("mlp", "max")][:, index])
     np.testing.assert_array_equal(np.asarray(take_rows(array[2], index)), arrays[("mlp", "max")][2, index])
+
+
+def test_read_rows_reads_row_ranges_of_chosen_layers_into_a_buffer(tmp_path):
+    cache, arrays = make_cache(tmp_path)
+    values = arrays[("mlp", "max")]
+    np.testing.assert_array_equal(cache.read_rows("mlp", "max", 10, 60), values[:, 10:60])
+    np.testing.assert_array_equal(cache.read_rows("mlp", "max", 0, 300, layers=[2, 0]), values[[2, 0]])
+    buffer = np.zeros((3, 100, 7), np.float32)
+    cache.read_rows("mlp", "max", 250, 300, out=buffer[:, :50])
+    np.testing.assert_array_equal(buffer[:, :50], values[:, 250:])
+    assert not buffer[:, 50:].any()
+    with pytest.raises(IndexError, match="out of range"):
+        cache.read_rows("mlp", "max", 290, 301)
 
 
 @pytest.mark.parametrize("offset", [0.0, 6e4])
@@ -134,3 +147,30 @@ def test_tie_break_takes_the_lowest_loss_among_scores_within_noise():
 def test_regression_tie_break_needs_equal_scores():
     a, b = candidate(range(2), 0.61, loss=0.9), candidate(range(2), 0.60, loss=0.1)
     assert depth_search("regression")._tie_break([a, b], lambda c: c.score, lambda c: c.loss) is a
+
+
+def test_layer_probes_extend_the_grid_only_for_the_layers_at_the_weak_edge(tmp_path):
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][1, :, 0] > 1).astype(int)
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, strength_ratios=(0.5, 0.1)))
+    fits, fit_probes = [], search._fit
+
+    def fit(X, Y, strengths, **kwargs):
+        fits.append(fit_probes(X, Y, strengths, **kwargs))
+        return fits[-1]
+
+    def score(X_val, fit):  # the first grid: layer 1 is best at its weakest strength; its extension at 0.3x that
+        if fit.weight.shape[0] == 1:
+            return torch.tensor([[0.95, 0.1]])
+        scores = torch.tensor([[0.9, 0.5]]).repeat(fit.weight.shape[0], 1)
+        scores[1] = torch.tensor([0.5, 0.9])
+        return scores
+
+    search._fit, search._score = fit, score
+    results = search.layer_probes(block_statistics(cache, 128))
+    assert [f.weight.shape[:2] for f in fits] == [(3, 2), (1, 2)] * 2  # per block: all layers, then layer 1 alone
+    weight, scores = results[("mlp", "max")]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.95, 0.9]))
+    torch.testing.assert_close(weight[1], fits[3].weight[0, 0])  # the extension's weight replaces layer 1's
+    torch.testing.assert_close(weight[0], fits[2].weight[0, 0])
