@@ -139,7 +139,7 @@ class _Problem:
     def K(self) -> int:
         return self.target.shape[0]
 
-    def groups(self, start: int, stop: int) -> "_Problem":
+    def groups(self, start: int, stop: int) -> _Problem:
         """The same problem restricted to groups start:stop."""
         mask = None if self.mask is None else self.mask[start:stop]
         return _Problem(self.X[start:stop], self.target, self.loss, mask, self.binary)

@@ -204,8 +204,8 @@ class FeatureMatrix:
         offset = np.lib.format.open_memmap(path, "w+", np.float32, shape).offset
         with open(path, "r+b") as file:  # file writes: faster than first touches of the map's pages
             file.seek(offset)
-            for start in range(0, self.cache.num_texts, chunk_rows):
-                file.write(self.rows(np.arange(start, min(start + chunk_rows, self.cache.num_texts))).numpy().data)
+            file.writelines(self.rows(np.arange(start, min(start + chunk_rows, self.cache.num_texts))).numpy().data
+                            for start in range(0, self.cache.num_texts, chunk_rows))
         return torch.from_numpy(np.load(path, mmap_mode="r+"))
 
 

@@ -190,7 +190,7 @@ def test_groups_solved_a_few_at_a_time_equal_one_pass(monkeypatch):
     mask[1, 4:] = False
     strengths = torch.tensor([[0.003, 0.02], [0.005, 0.01], [0.01, 0.04], [0.002, 0.03], [0.004, 0.008]])
     init = fit_linear_probes(X, y, SINGLE, strengths * 1.5, max_iter=20)
-    kwargs = dict(feature_mask=mask, init=init, max_iter=400)
+    kwargs = {"feature_mask": mask, "init": init, "max_iter": 400}
     monkeypatch.setattr(probes, "_CACHE_BYTES", 1 << 40)
     assert probes._groups_per_pass(X) == 5
     whole = fit_linear_probes(X, y, SINGLE, strengths, **kwargs)
