@@ -176,6 +176,9 @@ def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, st
     return stats
 
 
+_CHUNK_BYTES = 1 << 28  # a chunk of selected columns being written (its parts and their concatenation: twice this)
+
+
 class FeatureMatrix:
     """Standardised columns of a cache: a list of (block, layer, neuron ids) groups, read rows on demand."""
 
@@ -199,13 +202,15 @@ class FeatureMatrix:
         return values
 
     def materialize(self, path, chunk_rows: int) -> torch.Tensor:
-        """All rows written to a memory-mapped file, returned as a zero-copy tensor (memory stays flat)."""
+        """All rows written to a memory-mapped file, returned as a zero-copy tensor (memory stays flat: chunks of at
+        most `chunk_rows` rows and `_CHUNK_BYTES`)."""
         shape = (self.cache.num_texts, self.num_features)
         offset = np.lib.format.open_memmap(path, "w+", np.float32, shape).offset
+        chunk_rows = max(1, min(chunk_rows, _CHUNK_BYTES // (4 * max(1, self.num_features))))
         with open(path, "r+b") as file:  # file writes: faster than first touches of the map's pages
             file.seek(offset)
-            file.writelines(self.rows(np.arange(start, min(start + chunk_rows, self.cache.num_texts))).numpy().data
-                            for start in range(0, self.cache.num_texts, chunk_rows))
+            for start in range(0, self.cache.num_texts, chunk_rows):  # noqa: FURB122 (writelines keeps 2 chunks alive)
+                file.write(self.rows(np.arange(start, min(start + chunk_rows, self.cache.num_texts))).numpy().data)
         return torch.from_numpy(np.load(path, mmap_mode="r+"))
 
 

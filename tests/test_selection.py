@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from stc_transformers import selection
 from stc_transformers.extraction import FeatureCache
 from stc_transformers.selection import (
     Candidate,
@@ -79,6 +80,9 @@ def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path)
     np.testing.assert_allclose(matrix.rows(index).numpy(), expected, rtol=1e-6, atol=1e-6)
     materialized = matrix.materialize(tmp_path / "selected.npy", chunk_rows=70).numpy()
     np.testing.assert_allclose(materialized[index], expected, rtol=1e-6, atol=1e-6)
+    with pytest.MonkeyPatch.context() as patch:  # wide matrices: chunks bounded in bytes too (here 3 rows)
+        patch.setattr(selection, "_CHUNK_BYTES", 3 * 4 * matrix.num_features)
+        np.testing.assert_array_equal(matrix.materialize(tmp_path / "small.npy", chunk_rows=70).numpy(), materialized)
     # block rows: the same standardisation for every layer and neuron, contiguous or not
     mean, scale = stats[("mlp", "max")]
     for rows in (np.arange(10, 60), np.array([0, 2, 299])):
