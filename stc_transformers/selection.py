@@ -122,14 +122,6 @@ class SelectionResult:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def take_rows(array: np.ndarray, index: np.ndarray, axis: int = 0) -> np.ndarray:
-    """`array` at sorted row ids `index` along `axis`. One contiguous run of ids is read as a slice (a view of a
-    memory map, which a later fancy index or copy reads once); other ids give a copy."""
-    if is_run(index):
-        return array[(slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)]
-    return np.asarray(array[(slice(None),) * axis + (index,)])
-
-
 def is_run(index: np.ndarray) -> bool:
     """Whether sorted row ids form one contiguous run (read from a cache with `FeatureCache.read_rows`)."""
     return bool(index.size) and int(index[-1]) - int(index[0]) + 1 == index.size

@@ -16,7 +16,6 @@ from stc_transformers.selection import (
     _PrefixGrams,
     block_rows,
     block_statistics,
-    take_rows,
 )
 
 
@@ -31,14 +30,6 @@ def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCach
         np.save(tmp_path / f"{source}_{pooling}.npy", values)
     blocks = [{"source": s, "pooling": p, "num_layers": v.shape[0], "dim": v.shape[2]} for (s, p), v in arrays.items()]
     return FeatureCache(tmp_path, {"num_texts": num_texts, "blocks": blocks}), arrays
-
-
-@pytest.mark.parametrize("index", [np.arange(40, 90), np.array([3, 7, 8, 200, 299]), np.array([], dtype=int)])
-def test_take_rows_reads_runs_and_scattered_rows_alike(tmp_path, index):
-    cache, arrays = make_cache(tmp_path)
-    array = cache.array("mlp", "max")
-    np.testing.assert_array_equal(np.asarray(take_rows(array, index, axis=1)), arrays[("mlp", "max")][:, index])
-    np.testing.assert_array_equal(np.asarray(take_rows(array[2], index)), arrays[("mlp", "max")][2, index])
 
 
 def test_read_rows_reads_row_ranges_of_chosen_layers_into_a_buffer(tmp_path):
