@@ -71,6 +71,13 @@ def texts_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def empty_rows(*shape) -> np.ndarray:
+    """An uninitialised float32 array for feature rows, from torch's allocator. numpy asks the kernel for huge pages
+    for large arrays, and where the kernel defragments memory for them on demand (`transparent_hugepage/defrag =
+    madvise`, a common default) the first touch of such an array stalls (measured: twice the time of reading it)."""
+    return torch.empty(shape, dtype=torch.float32).numpy()
+
+
 @dataclass
 class FeatureCache:
     """A finished (or resumable) on-disk cache of pooled features for one list of texts."""
@@ -96,18 +103,14 @@ class FeatureCache:
 
     def read_rows(self, source: str, pooling: str, start: int, stop: int, layers=None, out=None) -> np.ndarray:
         """Rows start:stop of one block, `[layers, stop - start, dim]` float32 (all layers or the given ones), into
-        `out` when given. Plain file reads: several times faster than the first touch of a memory map's pages.
-
-        A new `out` comes from torch's allocator: numpy asks the kernel for huge pages for large arrays, and where
-        the kernel defragments memory for them on demand (`transparent_hugepage/defrag = madvise`, a common default)
-        the first touch of such an array stalls (measured: twice the time of the whole read)."""
+        `out` (default: a new `empty_rows`). Plain file reads: several times faster than the first touch of a memory
+        map's pages."""
         array = self.array(source, pooling)
         num_layers, num_texts, dim = array.shape
         if not 0 <= start <= stop <= num_texts:
             raise IndexError(f"rows {start}:{stop} out of range for {num_texts} texts")
         layers = range(num_layers) if layers is None else list(layers)
-        if out is None:
-            out = torch.empty((len(layers), stop - start, dim), dtype=torch.float32).numpy()
+        out = empty_rows(len(layers), stop - start, dim) if out is None else out
         row_bytes = dim * array.itemsize
         with open(array.filename, "rb", buffering=0) as file:
             for position, layer in enumerate(layers):

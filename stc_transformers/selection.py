@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .extraction import FeatureCache
+from .extraction import FeatureCache, empty_rows
 from .probes import (
     ProbeFit,
     RowSpace,
@@ -134,7 +134,7 @@ def read_block(cache: FeatureCache, block, index: np.ndarray, layers=None) -> np
         return cache.read_rows(*block, int(index[0]), int(index[-1]) + 1, layers)
     array = cache.array(*block)
     layers = range(array.shape[0]) if layers is None else list(layers)
-    out = torch.empty(len(layers), len(index), array.shape[2]).numpy()  # not numpy's allocator: see `read_rows`
+    out = empty_rows(len(layers), len(index), array.shape[2])
     for position, layer in enumerate(layers):
         out[position] = array[layer][index]
     return out
@@ -153,7 +153,7 @@ def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, st
         shift = torch.from_numpy(np.array(array[:, :1]))  # [layers, 1, dim]
         total = torch.zeros(array.shape[::2], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        buffer = torch.empty(array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2]).numpy()
+        buffer = empty_rows(array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2])
         for start in range(0, cache.num_texts, chunk_rows):
             rows = min(chunk_rows, cache.num_texts - start)
             cache.read_rows(*block, start, start + rows, out=buffer[:, :rows])
@@ -322,20 +322,18 @@ class SelectionSearch:
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None)
             strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
             fit = self._fit(X, y, strengths)
-            scores = self._score(X_val, fit)
-            weight = fit.weight
+            scores, weight = self._score(X_val, fit).cpu(), fit.weight.cpu()
             # extend the grid towards weaker penalties for the layers whose best strength sits at the weak edge
-            edge = torch.nonzero(scores.argmax(1) == strengths.shape[1] - 1).flatten().cpu()
+            edge = torch.nonzero(scores.argmax(1) == strengths.shape[1] - 1).flatten()
             if edge.numel():
                 weaker = strengths[edge, -1:] * torch.tensor([0.3, 0.1]).to(strengths)
                 extra = self._fit(X[edge], y, weaker)
                 scores = torch.cat([scores, scores.new_full((scores.shape[0], 2), -math.inf)], 1)
-                scores[edge.to(scores.device), -2:] = self._score(X_val[edge], extra)
+                scores[edge, -2:] = self._score(X_val[edge], extra).cpu()
                 weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 2, *weight.shape[2:])], 1)
-                weight[edge.to(weight.device), -2:] = extra.weight
+                weight[edge, -2:] = extra.weight.cpu()
             best = scores.argmax(1)
-            layers = torch.arange(best.numel())
-            results[block] = (weight[layers, best].cpu(), scores.max(1).values.cpu())
+            results[block] = (weight[torch.arange(best.numel()), best], scores.max(1).values)
             bar.update(1)
         bar.close()
         return results
