@@ -127,25 +127,30 @@ def is_run(index: np.ndarray) -> bool:
     return bool(index.size) and int(index[-1]) - int(index[0]) + 1 == index.size
 
 
-def read_block(cache: FeatureCache, block, index: np.ndarray, layers=None) -> np.ndarray:
-    """`[layers, len(index), dim]` of one block at sorted row ids (all layers or the given ones): file reads for
-    a contiguous run, a memory-map gather for scattered rows (e.g. a small sample of a large cache)."""
+def read_block(cache: FeatureCache, block, index: np.ndarray, layers=None, out=None) -> np.ndarray:
+    """`[layers, len(index), dim]` of one block at sorted row ids (all layers or the given ones), into `out`
+    (default: a new `empty_rows`): file reads for a contiguous run, a memory-map gather for scattered rows (e.g. a
+    small sample of a large cache)."""
     if is_run(index):
-        return cache.read_rows(*block, int(index[0]), int(index[-1]) + 1, layers)
+        return cache.read_rows(*block, int(index[0]), int(index[-1]) + 1, layers, out=out)
     array = cache.array(*block)
     layers = range(array.shape[0]) if layers is None else list(layers)
-    out = empty_rows(len(layers), len(index), array.shape[2])
+    out = empty_rows(len(layers), len(index), array.shape[2]) if out is None else out
     for position, layer in enumerate(layers):
-        out[position] = array[layer][index]
+        np.take(array[layer], index, axis=0, out=out[position])
     return out
+
+
+_CHUNK_BYTES = 1 << 28  # most bytes of a chunk of rows read into memory at once
 
 
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
     """Per block, mean and scale `[layers, dim]` over all rows (zero variance -> scale 1).
 
     Sums run over values shifted by the first row (float32 within a chunk, float64 across chunks), so the
-    variance keeps its precision even for features far from zero (e.g. near the fp16 maximum). Chunks are read
-    into one reused buffer: fresh large allocations are page-faulted in at a cost similar to the arithmetic.
+    variance keeps its precision even for features far from zero (e.g. near the fp16 maximum). Chunks (at most
+    `chunk_rows` rows and `_CHUNK_BYTES`) are read into one reused buffer: fresh large allocations are page-faulted
+    in at a cost similar to the arithmetic.
     """
     stats = {}
     for block in cache.blocks:
@@ -153,9 +158,10 @@ def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, st
         shift = torch.from_numpy(np.array(array[:, :1]))  # [layers, 1, dim]
         total = torch.zeros(array.shape[::2], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        buffer = empty_rows(array.shape[0], min(chunk_rows, cache.num_texts), array.shape[2])
-        for start in range(0, cache.num_texts, chunk_rows):
-            rows = min(chunk_rows, cache.num_texts - start)
+        step = max(1, min(chunk_rows, _CHUNK_BYTES // (array.shape[0] * array.shape[2] * array.itemsize)))
+        buffer = empty_rows(array.shape[0], min(step, cache.num_texts), array.shape[2])
+        for start in range(0, cache.num_texts, step):
+            rows = min(step, cache.num_texts - start)
             cache.read_rows(*block, start, start + rows, out=buffer[:, :rows])
             chunk = torch.from_numpy(buffer[:, :rows]).sub_(shift)
             total += chunk.sum(1)  # float32 within a chunk (fast), float64 across chunks
@@ -166,9 +172,6 @@ def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, st
         scale[scale < 1e-6 * (np.abs(mean) + 1.0)] = 1.0
         stats[block] = (mean.astype(np.float32), scale.astype(np.float32))
     return stats
-
-
-_CHUNK_BYTES = 1 << 28  # a chunk of selected columns being written (its parts and their concatenation: twice this)
 
 
 class FeatureMatrix:
@@ -186,9 +189,17 @@ class FeatureMatrix:
     def rows(self, index: np.ndarray) -> torch.Tensor:
         """Standardised features [len(index), F] of the given rows (sorted internally, returned in order)."""
         order = np.argsort(index, kind="stable")
-        parts = [torch.from_numpy(read_block(self.cache, block, index[order], [layer])[0])
-                 .index_select(1, torch.as_tensor(neurons, dtype=torch.long)) for block, layer, neurons in self.groups]
-        values = torch.cat(parts, 1).sub_(torch.from_numpy(self.mean)).div_(torch.from_numpy(self.scale))
+        dims = {(b["source"], b["pooling"]): b["dim"] for b in self.cache.meta["blocks"]}
+        # one read buffer for every group and one output filled group by group: no allocation per group
+        buffer = empty_rows(len(index) * max((dims[block] for block, _, _ in self.groups), default=0))
+        values, start = torch.empty(len(index), self.num_features), 0
+        for block, layer, neurons in self.groups:
+            read = read_block(self.cache, block, index[order], [layer],
+                              out=buffer[: len(index) * dims[block]].reshape(1, len(index), dims[block]))
+            torch.index_select(torch.from_numpy(read[0]), 1, torch.as_tensor(neurons, dtype=torch.long),
+                               out=values[:, start : start + len(neurons)])
+            start += len(neurons)
+        values.sub_(torch.from_numpy(self.mean)).div_(torch.from_numpy(self.scale))
         if not np.array_equal(order, np.arange(len(order))):
             values[torch.from_numpy(order)] = values.clone()
         return values

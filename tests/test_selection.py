@@ -57,6 +57,16 @@ def test_block_statistics_match_numpy_in_float64(tmp_path, offset):
         varying = reference.std(1) > 0
         np.testing.assert_allclose(scale[varying], reference.std(1)[varying], rtol=1e-4)
         assert (scale[~varying] == 1.0).all()
+    with pytest.MonkeyPatch.context() as patch:  # wide blocks: chunks bounded in bytes too (10 rows of 3 x 7 floats)
+        patch.setattr(selection, "_CHUNK_BYTES", 10 * 3 * 7 * 4)
+        read = []  # (block, rows) of every chunk read
+        patch.setattr(cache, "read_rows", lambda s, p, start, stop, **k: read.append(((s, p), stop - start))
+                      or FeatureCache.read_rows(cache, s, p, start, stop, **k))
+        for block, (mean, scale) in block_statistics(cache, chunk_rows=64).items():
+            np.testing.assert_allclose(mean, stats[block][0], rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(scale, stats[block][1], rtol=1e-5)
+        assert max(rows for block, rows in read if block == ("mlp", "max")) == 10
+        assert max(rows for block, rows in read if block == ("hidden", "mean")) == 14  # 3 x 5 floats a row
 
 
 def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path):
