@@ -3,7 +3,8 @@
 Self-contained (only torch / transformers imports): the Hub copies this file next to the modeling file for users
 who load a checkpoint with ``trust_remote_code=True``.
 
-Layers are the backbone's transformer blocks (``GradientCheckpointingLayer`` subclasses), numbered 0..L-1.
+Layers are the backbone's transformer blocks (``GradientCheckpointingLayer`` subclasses, or the one-block-per-layer
+ModuleList of models with plain blocks), numbered 0..L-1.
 For layer ``l``:
 
 * ``hidden``: the block's output (the residual stream after the block), captured by a forward hook on the block;
@@ -51,18 +52,27 @@ def check_names(values, allowed, what: str) -> tuple[str, ...]:
 
 
 def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return (attribute path, ModuleList) of the backbone's transformer blocks."""
+    """Return (attribute path, ModuleList) of the backbone's transformer blocks.
+
+    Blocks are `GradientCheckpointingLayer`s in most transformers v5 models. For the few whose blocks are plain
+    modules (e.g. MPNet), the stack is the ModuleList of one block class with one entry per layer of the config.
+    """
+    modules = [(name, module) for name, module in backbone.named_modules() if isinstance(module, nn.ModuleList)]
     candidates = [
-        (name, module)
-        for name, module in backbone.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) > 0
-        and all(isinstance(child, GradientCheckpointingLayer) for child in module)
+        (name, module) for name, module in modules
+        if len(module) > 0 and all(isinstance(child, GradientCheckpointingLayer) for child in module)
     ]
     if not candidates:
+        num_layers = getattr(backbone.config.get_text_config(), "num_hidden_layers", None)
+        candidates = [
+            (name, module) for name, module in modules
+            if len(module) == num_layers and len({type(child) for child in module}) == 1
+        ]
+    if not candidates:
         raise ValueError(
-            f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a backbone whose layers "
-            "subclass transformers' `GradientCheckpointingLayer` (all transformers v5 text models do)."
+            f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
+            "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
+            "blocks). Backbones that reuse one block for several layers (e.g. ALBERT) are not supported."
         )
     # The outermost list is the stack of blocks (nested lists would be inside a block).
     return min(candidates, key=lambda item: item[0].count("."))
@@ -230,6 +240,8 @@ class _Capture:
         self.pooled: dict[tuple[str, str, int], torch.Tensor] = {}
 
     def _pool_into(self, source, layer, states):
+        if states.dim() == 2 and states.shape[0] == self.mask.numel():  # tokens flattened over the batch (e.g. OPT)
+            states = states.view(*self.mask.shape, states.shape[1])
         if states.dim() != 3:
             raise ValueError(
                 f"Layer {layer} gave a {states.dim()}-D {source} tensor; STC pools [batch, tokens, features] "

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 99
-ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert")
+ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert", "mpnet", "opt")
 
 
 class STCModelTester:
@@ -29,6 +29,8 @@ class STCModelTester:
             GPT2Config,
             LlamaConfig,
             ModernBertConfig,
+            MPNetConfig,
+            OPTConfig,
             Qwen2Config,
         )
 
@@ -47,6 +49,12 @@ class STCModelTester:
             return DebertaV2Config(**common, pad_token_id=0)
         if arch == "modernbert":
             return ModernBertConfig(**common, cls_token_id=1, sep_token_id=1, **special)
+        if arch == "mpnet":  # blocks are plain modules, not GradientCheckpointingLayer
+            return MPNetConfig(**common, pad_token_id=0)
+        if arch == "opt":  # the MLP runs on tokens flattened over the batch
+            return OPTConfig(vocab_size=VOCAB, hidden_size=self.hidden, num_hidden_layers=self.num_layers,
+                             num_attention_heads=4, ffn_dim=self.intermediate, word_embed_proj_dim=self.hidden,
+                             **special)
         raise ValueError(arch)
 
     def stc_config(self, arch: str, **kwargs):

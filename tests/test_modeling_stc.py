@@ -1,4 +1,4 @@
-"""STCForSequenceClassification on tiny random backbones of six architectures, plus the real MiniLM."""
+"""STCForSequenceClassification on tiny random backbones of eight architectures, plus the real MiniLM."""
 
 from __future__ import annotations
 
@@ -100,11 +100,16 @@ class TestEveryArchitecture:
         inputs, labels = tester.inputs(), torch.tensor([0, 1, 1])
 
         def gradients():
+            torch.manual_seed(0)  # functional dropout (e.g. OPT's) draws the same masks in both runs
             model.zero_grad()
             model(**inputs, labels=labels).loss.backward()
             return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
         plain = gradients()
+        if not model.backbone.supports_gradient_checkpointing:  # e.g. MPNet: transformers refuses, clearly
+            with pytest.raises(ValueError, match="gradient checkpointing"):
+                model.activation_checkpointing_enable()
+            return
         model.activation_checkpointing_enable()
         assert all(layer.gradient_checkpointing for layer in model.layer_map.layers)
         checkpointed = gradients()
@@ -272,6 +277,36 @@ def test_unknown_pooling_or_source_names(tester):
         tester.stc_config("bert", poolings=["median"])
     with pytest.raises(ValueError, match="Unknown source.*choose"):
         tester.stc_config("bert", sources=["attention"])
+
+
+@pytest.mark.parametrize("arch", ["opt", "mpnet"])
+def test_captured_features_match_the_backbone_tensors(tester, arch):
+    """OPT runs its MLP on tokens flattened over the batch, MPNet's blocks are plain modules (no
+    `GradientCheckpointingLayer`): both are captured and pooled like the others."""
+    model = tester.model(arch, num_labels=2, poolings=["mean"])
+    inputs = tester.inputs()
+    mlp_inputs = []
+    handle = model.layer_map.down_projections[1].register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
+    with torch.no_grad():
+        pooled = model.pooled_features(**inputs)
+        hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
+    handle.remove()
+    mask = inputs["attention_mask"].bool()
+    names = model.feature_names()
+    mlp = mlp_inputs[0].reshape(*mask.shape, -1)
+    for source, states in (("hidden", hidden[2]), ("mlp", mlp)):
+        columns = [i for i, n in enumerate(names) if n[:3] == (source, "mean", 1)]
+        expected = torch.stack([states[row][mask[row]].mean(0) for row in range(mask.shape[0])])
+        torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_reusing_one_block_is_refused():
+    from transformers import AlbertConfig
+
+    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=37)
+    with pytest.raises(ValueError, match="reuse one block"):
+        STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
 
 
 def test_moe_backbone_mlp_cannot_be_located():
