@@ -100,7 +100,7 @@ def find_down_projection(layer: nn.Module, hidden_size: int) -> nn.Module:
     """The one Linear/Conv1D inside `layer` mapping intermediate_size -> hidden_size outside attention."""
     if _is_mixture_of_experts(layer):
         raise ValueError(
-            f"{type(layer).__name__} is a mixture-of-experts block: it has no single MLP neuron vector, so STC's "
+            f"{type(layer).__name__} has no single dense MLP (a mixture-of-experts or state-space block), so STC's "
             "`mlp` source cannot read it. Use `sources=['hidden']` for this backbone."
         )
     found = []

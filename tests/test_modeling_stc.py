@@ -309,16 +309,19 @@ def test_backbone_reusing_one_block_is_refused():
         STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
 
 
-def test_moe_backbone_mlp_cannot_be_located():
-    from transformers import Qwen2MoeConfig
+def test_moe_and_state_space_backbones_use_hidden_states_only():
+    from transformers import JambaConfig, Qwen2MoeConfig
 
     moe = Qwen2MoeConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=37, moe_intermediate_size=16,
                          shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
-    with pytest.raises(ValueError, match="mixture-of-experts.*sources=\\['hidden'\\]"):
-        STCForSequenceClassification(STCConfig(text_config=moe.to_dict()))
-    hidden_only = STCForSequenceClassification(STCConfig(text_config=moe.to_dict(), sources=["hidden"])).eval()
-    assert hidden_only(**STCModelTester.inputs()).logits.shape == (3, 2)
+    hybrid = JambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=32, pad_token_id=0)  # Mamba + attention blocks
+    for config in (moe, hybrid):
+        with pytest.raises(ValueError, match="no single dense MLP.*sources=\\['hidden'\\]"):
+            STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
+        hidden_only = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"])).eval()
+        assert hidden_only(**STCModelTester.inputs()).logits.shape == (3, 2)
 
 
 def test_label_ids_out_of_range(tester):
