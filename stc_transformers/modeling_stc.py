@@ -20,9 +20,13 @@ import torch
 from huggingface_hub.errors import LocalTokenNotFoundError
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, PreTrainedModel
 from transformers import initialization as init
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
@@ -234,6 +238,28 @@ class STCPreTrainedModel(PreTrainedModel):
         return result
 
 
+# arguments of `from_pretrained` that say where the files are (also needed to read the config first)
+_LOADING_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "gguf_file", "subfolder",
+                   "force_download", "proxies")
+
+
+def backbone_class(text_config: PreTrainedConfig):
+    """`AutoModel`, or for encoder-decoder models with an encoder-only class (T5, mT5, UMT5) `AutoModelForTextEncoding`,
+    which loads just the encoder. Other encoder-decoder models are refused: STC reads one stack of blocks.
+
+    Judged by model type: the encoder-only classes set `is_encoder_decoder = False` on the config they are built from.
+    """
+    model_type = text_config.model_type
+    if model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForTextEncoding
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or getattr(text_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{model_type} is an encoder-decoder model without an encoder-only class in transformers; STC reads one "
+            "stack of blocks: use an encoder (BERT-like, T5 encoder) or a decoder model."
+        )
+    return AutoModel
+
+
 class STCForSequenceClassification(STCPreTrainedModel):
     """Sequence classifier reading the selected neurons of several layers of a (frozen) backbone.
 
@@ -243,7 +269,15 @@ class STCForSequenceClassification(STCPreTrainedModel):
 
     def __init__(self, config: STCConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
-        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.text_config)
+        model_class = backbone_class(config.text_config)  # refuses encoder-decoder models without an encoder class
+        if backbone is None:
+            backbone = model_class.from_config(config.text_config)
+        elif getattr(backbone, "decoder", None) is not None and model_class is AutoModelForTextEncoding:
+            raise ValueError(
+                f"{type(backbone).__name__} holds an encoder and a decoder; STC reads one stack of blocks: pass the "
+                "encoder only (`AutoModelForTextEncoding.from_pretrained(...)`)."
+            )
+        self.backbone = backbone
         self._build_head_input()
         self.head = STCHead(self.selector.num_features, config.num_labels, config.standardize)
         self.post_init()
@@ -294,7 +328,9 @@ class STCForSequenceClassification(STCPreTrainedModel):
         `backbone_kwargs` go to `AutoModel.from_pretrained` (e.g. `dtype=torch.bfloat16`, `attn_implementation`,
         `gguf_file`, `revision`).
         """
-        backbone = AutoModel.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        loading = {key: backbone_kwargs[key] for key in _LOADING_KWARGS if key in backbone_kwargs}
+        model_class = backbone_class(AutoConfig.from_pretrained(pretrained_model_name_or_path, **loading))
+        backbone = model_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
         if id2label is not None:
             id2label = {int(k): v for k, v in id2label.items()}
             num_labels = len(id2label) if num_labels is None else num_labels
@@ -369,8 +405,6 @@ class STCForSequenceClassification(STCPreTrainedModel):
         requests = self.selector.requests
         device = attention_mask.device
         with capture_pooled(self.layer_map, attention_mask, requests, self.selector.neurons(device)) as pooled:
-            if self.config.text_config.is_encoder_decoder:
-                raise ValueError("Encoder-decoder backbones are not supported; use an encoder or a decoder model.")
             accepted = self._backbone_arguments
             if "use_cache" in accepted:
                 backbone_inputs["use_cache"] = False

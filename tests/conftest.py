@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 99
-ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert", "mpnet", "opt")
+ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert", "mpnet", "opt", "t5")
 
 
 class STCModelTester:
@@ -32,6 +32,7 @@ class STCModelTester:
             MPNetConfig,
             OPTConfig,
             Qwen2Config,
+            T5Config,
         )
 
         special = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
@@ -55,6 +56,9 @@ class STCModelTester:
             return OPTConfig(vocab_size=VOCAB, hidden_size=self.hidden, num_hidden_layers=self.num_layers,
                              num_attention_heads=4, ffn_dim=self.intermediate, word_embed_proj_dim=self.hidden,
                              **special)
+        if arch == "t5":  # encoder-decoder: STC wraps the encoder alone
+            return T5Config(vocab_size=VOCAB, d_model=self.hidden, d_ff=self.intermediate, num_layers=self.num_layers,
+                            num_heads=4, d_kv=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         raise ValueError(arch)
 
     def stc_config(self, arch: str, **kwargs):

@@ -1,4 +1,4 @@
-"""STCForSequenceClassification on tiny random backbones of eight architectures, plus the real MiniLM."""
+"""STCForSequenceClassification on tiny random backbones of nine architectures, plus the real MiniLM."""
 
 from __future__ import annotations
 
@@ -298,6 +298,25 @@ def test_captured_features_match_the_backbone_tensors(tester, arch):
         columns = [i for i, n in enumerate(names) if n[:3] == (source, "mean", 1)]
         expected = torch.stack([states[row][mask[row]].mean(0) for row in range(mask.shape[0])])
         torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, tmp_path):
+    from transformers import BartConfig, T5ForConditionalGeneration, T5Model
+
+    t5 = tester.backbone_config("t5")
+    T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    model = STCForSequenceClassification.from_backbone_pretrained(tmp_path / "t5", num_labels=2).eval()
+    assert type(model.backbone).__name__ == "T5EncoderModel"
+    model.save_pretrained(tmp_path / "stc")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "stc").eval()
+    inputs = tester.inputs()
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass the encoder only"):
+        STCForSequenceClassification(STCConfig(text_config=t5.to_dict()), backbone=T5Model(t5))
+    bart = BartConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37)
+    with pytest.raises(ValueError, match="encoder-decoder model without an encoder-only class"):
+        STCForSequenceClassification(STCConfig(text_config=bart.to_dict()))
 
 
 def test_backbone_reusing_one_block_is_refused():
