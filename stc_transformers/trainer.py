@@ -114,6 +114,7 @@ class LabelEncoder:
             return cls(problem_type, None, len(first) if is_list else 1)
         if problem_type == "multi_label_classification":
             return cls._fit_multi_label(labels, names)
+        names_given = names is not None
         if isinstance(first, str):
             names = sorted(set(labels))
         elif names is None:
@@ -126,9 +127,16 @@ class LabelEncoder:
                 f"The training data has only {len(present)} class: a classifier needs at least two."
             )
         missing = [encoder.names[i] for i in range(encoder.num_labels) if i not in present]
-        if missing:
+        if missing and names_given:
             raise ValueError(
                 f"Classes {missing} have no training examples. Add examples, or remove them from the label names."
+            )
+        if missing:
+            raise ValueError(
+                f"Integer labels are class ids 0..{encoder.num_labels - 1} (as in transformers), and ids "
+                f"{[i for i in range(encoder.num_labels) if i not in present]} have no training examples. If the "
+                "labels are values such as 1..5 or {1, 5}, encode them as classes first "
+                "(`dataset.class_encode_column('label')`) or pass them as strings."
             )
         return encoder
 

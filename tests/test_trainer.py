@@ -201,6 +201,21 @@ def test_validation_class_never_seen_in_training(tmp_path):
         trainer.train()
 
 
+def test_integer_labels_with_gaps_point_to_class_encoding(tmp_path):
+    texts, labels = synthetic_texts(40, 2)
+    stars = [1 + 4 * y for y in labels]  # values 1 and 5, not class ids
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts, "label": stars}),
+                         processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"ids \[0, 2, 3, 4\] have no training examples.*class_encode_column"):
+        trainer.train()
+    encoded = Dataset.from_dict({"text": texts, "label": stars}).class_encode_column("label")
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "encoded"), train_dataset=encoded,
+                         processing_class=make_tiny_tokenizer())
+    trainer.train()
+    assert trainer.model.config.id2label == {0: "1", 1: "5"}
+
+
 @pytest.mark.parametrize("bad,match", [("", "Text 2 is empty"), ("   ", "Text 2 is empty"), (None, "Text 2 is a NoneType")])
 def test_empty_or_non_string_texts(tmp_path, bad, match):
     texts = ["w1 w2", "w3", bad, "w4"]
