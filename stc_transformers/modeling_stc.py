@@ -410,7 +410,16 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 backbone_inputs["use_cache"] = False
             if self._positions_from_mask and "position_ids" not in backbone_inputs:
                 backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
+            try:
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
+            except (IndexError, RuntimeError) as error:  # position tables / buffers indexed past their end
+                if self._window is None or attention_mask.shape[1] <= self._window:
+                    raise
+                raise ValueError(
+                    f"The input has {attention_mask.shape[1]} tokens but {type(self.backbone).__name__} reads at most "
+                    f"{self._window}: truncate it (`truncation=True` in the tokenizer or pipeline call), or set "
+                    "`model.config.long_input_chunks = True` to read long texts in overlapping chunks."
+                ) from error
         return pooled
 
     @can_return_tuple

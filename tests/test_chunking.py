@@ -206,8 +206,10 @@ def test_short_texts_are_unchanged_by_chunking(arch):
 def test_chunking_is_opt_in():
     assert STCConfig(text_config=STCModelTester().backbone_config("bert").to_dict()).long_input_chunks is False
     off = chunked_model("bert", "mean", chunks=False)
-    with pytest.raises((IndexError, RuntimeError)):  # BERT's position table has 8 rows
-        off.pooled_features(torch.randint(3, 99, (1, 20)))
+    with pytest.raises(ValueError, match="20 tokens but BertModel reads at most 8: truncate.*long_input_chunks"):
+        off.pooled_features(torch.randint(3, 99, (1, 20)))  # BERT's position table has 8 rows
+    off.config.long_input_chunks = True
+    assert off.pooled_features(torch.randint(3, 99, (1, 20))).shape[0] == 1
 
 
 def test_position_ids_cannot_be_combined_with_chunks():
