@@ -435,6 +435,11 @@ class SelectionSearch:
                     candidates += self._candidates(family, eta, [all_layers], scores, losses, groups)
                 bar.update(1)
         bar.close()
+        if not candidates:
+            raise ValueError(
+                "No layer probe kept any neuron: the training labels give the probes nothing to fit (e.g. constant "
+                "regression targets, or too few examples). Check the labels or add examples."
+            )
         best = self._final_round(candidates, probes, stats)
 
         # early exit and single layers for the best family and eta

@@ -111,7 +111,10 @@ class LabelEncoder:
             else:
                 problem_type = "single_label_classification"
         if problem_type == "regression":
-            return cls(problem_type, None, len(first) if is_list else 1)
+            encoder = cls(problem_type, None, len(first) if is_list else 1)
+            if len(labels) > 1 and bool((encoder.encode(labels).std(0) == 0).any()):
+                raise ValueError("The regression targets (or one of their columns) are all equal: nothing to learn.")
+            return encoder
         if problem_type == "multi_label_classification":
             return cls._fit_multi_label(labels, names)
         names_given = names is not None
@@ -222,15 +225,21 @@ def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool)
     rng = np.random.default_rng(seed)
     if not stratify:
         order = rng.permutation(num)
-        cut = max(1, int(round(num * fraction)))
-        return np.sort(order[cut:]), np.sort(order[:cut])
-    labels = np.asarray(labels)
-    train, val = [], []
-    for value in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == value))
-        cut = int(round(len(rows) * fraction)) if len(rows) > 2 else 0
-        val.extend(rows[:cut])
-        train.extend(rows[cut:])
+        cut = min(max(1, int(round(num * fraction))), num - 1)
+        train, val = order[cut:], order[:cut]
+    else:
+        labels = np.asarray(labels)
+        train, val = [], []
+        for value in np.unique(labels):  # each class with two or more rows keeps one in each part at least
+            rows = rng.permutation(np.flatnonzero(labels == value))
+            cut = min(max(1, int(round(len(rows) * fraction))), len(rows) - 1)
+            val.extend(rows[:cut])
+            train.extend(rows[cut:])
+    if len(val) == 0:
+        raise ValueError(
+            f"{num} training examples are too few for an internal validation split (every class needs two): pass "
+            "`eval_dataset=` or more examples."
+        )
     return np.sort(train), np.sort(val)
 
 

@@ -139,6 +139,30 @@ def test_regression(tmp_path):
     assert trainer.model.config.fit_summary["validation"] == "internal split"
 
 
+def test_tiny_training_sets_split_or_say_why_not(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    four = {"text": ["w1 w2", "w3", "w4 w5 w6", "w7"], "label": [0, 1, 0, 1]}  # one validation text per class
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "four"), train_dataset=four,
+                         processing_class=tokenizer)
+    trainer.train()
+    assert trainer.model.config.fit_summary["num_validation"] == 2
+    singletons = {"text": ["w1", "w2", "w3"], "label": ["a", "b", "c"]}
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "one"), train_dataset=singletons,
+                         processing_class=tokenizer)
+    with pytest.raises(ValueError, match="too few for an internal validation split.*eval_dataset"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("targets,match", [([0.5, 0.5, 0.5, 0.5], "all equal"),
+                                           ([0.1, 0.5], "No layer probe kept any neuron")])
+def test_regression_without_signal(tmp_path, targets, match):
+    data = {"text": [f"w{i} w{i + 1}" for i in range(len(targets))], "label": targets}
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=data,
+                         processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
 def test_lists_of_texts_and_string_labels_with_internal_split(tmp_path):
     texts, labels = synthetic_texts(120, 2, seed=3)
     names = ["neg" if y == 0 else "pos" for y in labels]
