@@ -11,12 +11,17 @@ HF `Trainer` (3 epochs), and STC on the fine-tuned backbone; accuracy, fit time 
 * Fine-tuning: `AutoModelForSequenceClassification` + `Trainer`, 3 epochs, lr 5e-5, batch 32.
 * Throughput: texts per second on the test split, same batching, STC (early exit) vs the fine-tuned
   `AutoModelForSequenceClassification` on the same backbone.
-SetFit is not included: it needs sentence-transformers models from the Hub.
+* SetFit (when `pip install setfit` is done): contrastive training of the sentence-transformers body on pairs
+  sampled from the training texts (`--setfit-steps` steps of 16 pairs), then its logistic-regression head on
+  every training text. A backbone folder without sentence-transformers files gets mean pooling.
+
+`--methods` runs a subset (STC on the fine-tuned backbone and the throughput comparison need `finetune`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import time
@@ -88,6 +93,22 @@ def fit_stc(path, tokenizer, train, validation, out_dir, max_length):
     return trainer, time.perf_counter() - started
 
 
+def fit_setfit(path, train, steps: int, seed: int = 0):
+    """SetFit on the backbone folder: (model, fit seconds)."""
+    from setfit import SetFitModel
+    from setfit import Trainer as SetFitTrainer
+    from setfit import TrainingArguments as SetFitArguments
+
+    model = SetFitModel.from_pretrained(path)
+    arguments = SetFitArguments(batch_size=16, num_epochs=1, max_steps=steps, seed=seed, show_progress_bar=False)
+    started = time.perf_counter()
+    SetFitTrainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"])).train()
+    return model, time.perf_counter() - started
+
+
+METHODS = ("stc", "base", "llmembed", "finetune", "setfit")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
@@ -97,7 +118,10 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--output-dir", default="outputs/compare")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--setfit-steps", type=int, default=500)
     args = parser.parse_args(argv)
+    methods = set(args.methods)
     torch.manual_seed(0)
     path = resolve_backbone(args.model)
     data = load_text_dataset(args.data)
@@ -109,41 +133,80 @@ def main(argv=None):
     y_test = np.array(test["label"])
     results = {}
 
-    # STC
-    stc, stc_seconds = fit_stc(path, tokenizer, train, validation, out / "stc", args.max_length)
-    stc_logits = predict_logits(stc.model, stc.tokenizer, list(test["text"]), max_length=args.max_length,
-                                progress=False)
-    results["STC"] = {**compute_metrics(stc_logits, y_test, "single_label_classification"),
-                      "fit_seconds": stc_seconds, "exit_layer": stc.model.config.exit_layer,
-                      "features": stc.model.config.num_selected_features}
+    if "stc" in methods:
+        stc, stc_seconds = fit_stc(path, tokenizer, train, validation, out / "stc", args.max_length)
+        stc_logits = predict_logits(stc.model, stc.tokenizer, list(test["text"]), max_length=args.max_length,
+                                    progress=False)
+        results["STC"] = {**compute_metrics(stc_logits, y_test, "single_label_classification"),
+                          "fit_seconds": stc_seconds, "exit_layer": stc.model.config.exit_layer,
+                          "features": stc.model.config.num_selected_features}
+    if methods & {"base", "llmembed"}:
+        results.update(probe_heads(path, tokenizer, train, validation, test, out, args.max_length, methods))
+    if "setfit" in methods:
+        if importlib.util.find_spec("setfit") is None:
+            print("SetFit skipped: pip install setfit")
+        else:
+            setfit, setfit_seconds = fit_setfit(path, train, args.setfit_steps)
+            setfit_logits = np.asarray(setfit.predict_proba(list(test["text"])))
+            results[f"SetFit ({args.setfit_steps} steps)"] = {
+                **compute_metrics(setfit_logits, y_test, "single_label_classification"), "fit_seconds": setfit_seconds}
+    if "finetune" in methods:
+        results.update(finetune_and_stc(path, tokenizer, train, validation, test, out, args,
+                                        stc if "stc" in methods else None))
 
-    # Base and LLMEmbed-style heads on cached features of the plain backbone
+    print(f"\n{args.model} on {args.data}: train {len(train)}, validation {len(validation)}, test {len(test)}")
+    print(f"{'method':36s} {'accuracy':>9s} {'macro_f1':>9s} {'fit s':>8s}")
+    for name, row in results.items():
+        if "accuracy" in row:
+            print(f"{name:36s} {row['accuracy']:9.4f} {row['macro_f1']:9.4f} {row['fit_seconds']:8.1f}")
+    if "throughput_texts_per_second" in results:
+        print("throughput (texts/s):", results["throughput_texts_per_second"])
+    if "STC" in results and "finetune" in methods:
+        ft = next(row for name, row in results.items() if name.startswith("Fine-tuning"))
+        print(f"STC fit / fine-tuning time: {results['STC']['fit_seconds'] / ft['fit_seconds']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(results, indent=1, default=float))
+    return results
+
+
+def probe_heads(path, tokenizer, train, validation, test, out, max_length, methods):
+    """Base and LLMEmbed-style heads on cached mean-pooled hidden states of the plain backbone; their fit times
+    include that extraction."""
+    results = {}
     dense = STCForSequenceClassification.from_backbone_pretrained(path, sources=["hidden"], poolings=["mean"])
-    shutil.rmtree(out / "cache", ignore_errors=True)  # their fit times include the extraction
+    shutil.rmtree(out / "cache", ignore_errors=True)
     started = time.perf_counter()
-    caches = [extract_features(dense, stc.tokenizer, list(s["text"]), out / "cache", max_length=args.max_length,
+    caches = [extract_features(dense, tokenizer, list(s["text"]), out / "cache", max_length=max_length,
                                progress=False) for s in (train, validation, test)]
     extraction_seconds = time.perf_counter() - started
     stats = block_statistics(caches[0], 4096)
     ys = [np.array(s["label"]) for s in (train, validation, test)]
     layers = dense.config.text_config.num_hidden_layers
     rows = [np.arange(c.num_texts) for c in caches]
-    last = [block_rows(c, stats, ("hidden", "mean"), r, [layers - 1])[0].numpy() for c, r in zip(caches, rows)]
-    started = time.perf_counter()
-    results["Base"] = {**sklearn_base(last[0], ys[0], last[1], ys[1], last[2], ys[2], "single_label_classification"),
-                       "fit_seconds": extraction_seconds + time.perf_counter() - started}
-    lastk = [block_rows(c, stats, ("hidden", "mean"), r, range(max(0, layers - 5), layers)).transpose(0, 1).contiguous()
-             for c, r in zip(caches, rows)]
-    started = time.perf_counter()
-    head = train_llmembed(lastk[0], torch.tensor(ys[0]), lastk[1], torch.tensor(ys[1]), len(set(ys[0])))
-    with torch.no_grad():
-        llm_logits = head(lastk[2]).numpy()
-    results["LLMEmbed-style head"] = {**compute_metrics(llm_logits, y_test, "single_label_classification"),
-                                      "fit_seconds": extraction_seconds + time.perf_counter() - started}
+    if "base" in methods:
+        last = [block_rows(c, stats, ("hidden", "mean"), r, [layers - 1])[0].numpy() for c, r in zip(caches, rows)]
+        started = time.perf_counter()
+        results["Base"] = {**sklearn_base(last[0], ys[0], last[1], ys[1], last[2], ys[2],
+                                          "single_label_classification"),
+                           "fit_seconds": extraction_seconds + time.perf_counter() - started}
+    if "llmembed" in methods:
+        lastk = [block_rows(c, stats, ("hidden", "mean"), r, range(max(0, layers - 5), layers)).transpose(0, 1)
+                 .contiguous() for c, r in zip(caches, rows)]
+        started = time.perf_counter()
+        head = train_llmembed(lastk[0], torch.tensor(ys[0]), lastk[1], torch.tensor(ys[1]), len(set(ys[0])))
+        with torch.no_grad():
+            llm_logits = head(lastk[2]).numpy()
+        results["LLMEmbed-style head"] = {**compute_metrics(llm_logits, ys[2], "single_label_classification"),
+                                          "fit_seconds": extraction_seconds + time.perf_counter() - started}
+    return results
 
-    # Full fine-tuning
-    num_labels = len(set(ys[0]))
-    finetuned = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+def finetune_and_stc(path, tokenizer, train, validation, test, out, args, stc):
+    """Full fine-tuning with `Trainer`, STC on the fine-tuned backbone against its own head, and the throughput of
+    STC (when fitted) against the fine-tuned `AutoModelForSequenceClassification`."""
+    results = {}
+    y_test = np.array(test["label"])
+    finetuned = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(set(train["label"])))
     tokenized = [s.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True)
                  for s in (train, validation)]
     training = TrainingArguments(str(out / "finetune"), num_train_epochs=args.epochs, learning_rate=5e-5,
@@ -161,7 +224,6 @@ def main(argv=None):
     finetuned.save_pretrained(out / "finetuned")
     tokenizer.save_pretrained(out / "finetuned")
 
-    # STC on the fine-tuned backbone, against that model's own head
     stc_ft, stc_ft_seconds = fit_stc(str(out / "finetuned"), tokenizer, train, validation, out / "stc_ft",
                                      args.max_length)
     stc_ft_logits = predict_logits(stc_ft.model, stc_ft.tokenizer, list(test["text"]), max_length=args.max_length,
@@ -170,21 +232,11 @@ def main(argv=None):
         **compute_metrics(stc_ft_logits, y_test, "single_label_classification"), "fit_seconds": stc_ft_seconds,
         "exit_layer": stc_ft.model.config.exit_layer}
 
-    # Inference throughput on the test texts (same batching, length-sorted batches of 32)
-    results["throughput_texts_per_second"] = {
-        name: texts_per_second(model, tok, list(test["text"]), args.max_length, batch_size=32)
-        for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
-                                 ("AutoModelForSequenceClassification", finetuned, tokenizer))}
-
-    print(f"\n{args.model} on {args.data}: train {len(train)}, validation {len(validation)}, test {len(test)}")
-    print(f"{'method':36s} {'accuracy':>9s} {'macro_f1':>9s} {'fit s':>8s}")
-    for name, row in results.items():
-        if "accuracy" in row:
-            print(f"{name:36s} {row['accuracy']:9.4f} {row['macro_f1']:9.4f} {row['fit_seconds']:8.1f}")
-    print("throughput (texts/s):", results["throughput_texts_per_second"])
-    print(f"STC fit / fine-tuning time: {stc_seconds / ft_seconds:.3f}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(results, indent=1, default=float))
+    if stc is not None:  # inference throughput on the test texts (same batching, length-sorted batches of 32)
+        results["throughput_texts_per_second"] = {
+            name: texts_per_second(model, tok, list(test["text"]), args.max_length, batch_size=32)
+            for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
+                                     ("AutoModelForSequenceClassification", finetuned, tokenizer))}
     return results
 
 
