@@ -37,6 +37,7 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from stc_transformers import STCForSequenceClassification, STCTrainer, STCTrainingArguments
@@ -206,6 +207,7 @@ def finetune_and_stc(path, tokenizer, train, validation, test, out, args, stc):
     STC (when fitted) against the fine-tuned `AutoModelForSequenceClassification`."""
     results = {}
     y_test = np.array(test["label"])
+    set_seed(0)  # the new head's initialisation must not depend on which methods ran before
     finetuned = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(set(train["label"])))
     tokenized = [s.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True)
                  for s in (train, validation)]

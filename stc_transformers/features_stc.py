@@ -228,6 +228,10 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every requested feature is pooled; `capture_pooled` swallows it."""
+
+
 class _Capture:
     """Collects pooled features while a backbone runs; see `capture_pooled`."""
 
@@ -238,6 +242,11 @@ class _Capture:
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
         self.stash: dict[int, torch.Tensor] = {}
         self.pooled: dict[tuple[str, str, int], torch.Tensor] = {}
+        # Without gradients, when the last layer read gives only MLP neurons, the backbone stops at that layer's
+        # down-projection: its output and everything after it are never used.
+        last = max(layer for _, layer in requests) if requests else None
+        only_mlp = ("mlp", last) in requests and ("hidden", last) not in requests
+        self.stop_layer = last if only_mlp and not torch.is_grad_enabled() else None
 
     def _pool_into(self, source, layer, states):
         if states.dim() == 2 and states.shape[0] == self.mask.numel():  # tokens flattened over the batch (e.g. OPT)
@@ -259,6 +268,9 @@ class _Capture:
 
     def mlp_pre_hook(self, layer):
         def hook(module, args, kwargs=None):
+            if layer == self.stop_layer:
+                self._pool_into("mlp", layer, args[0])
+                raise _StopForward
             self.stash[layer] = args[0]
 
         return hook
@@ -287,6 +299,8 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
     `requests` maps (source, layer) to the poolings wanted; `neurons` optionally maps (source, layer) to the
     neuron ids to keep (picked from the pooled vectors, or before pooling when padding must be masked: the values are
     the same either way).
+    Without gradients, the backbone call inside the context may stop early (at the last layer's MLP
+    down-projection, when that layer gives only MLP features): code after it in the same context does not run.
     Hooks are removed when the context exits, even on error.
     """
     state = _Capture(attention_mask, requests, neurons or {})
@@ -297,7 +311,10 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
                 handles.append(layer_map.down_projections[layer].register_forward_pre_hook(state.mlp_pre_hook(layer)))
         for layer in sorted({layer for _, layer in requests}):
             handles.append(layer_map.layers[layer].register_forward_hook(state.layer_hook(layer)))
-        yield state.pooled
+        try:
+            yield state.pooled
+        except _StopForward:  # the backbone was stopped after the last feature it had to give
+            pass
     finally:
         for handle in handles:
             handle.remove()

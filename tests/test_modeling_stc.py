@@ -91,6 +91,22 @@ class TestEveryArchitecture:
         assert len(loaded.layer_map.layers) == tester.num_layers - 1
         torch.testing.assert_close(loaded(**inputs).logits, untruncated, rtol=0, atol=0)
 
+    def test_inference_stops_at_the_last_down_projection_it_needs(self, tester, arch):
+        """When the last layer read gives only MLP neurons, inference stops at that layer's down-projection: the
+        same logits as a full forward (with gradients, nothing stops), and the down-projection never runs."""
+        model = tester.model(arch, num_labels=2, sources=["mlp"], poolings=["mean", "max"])
+        inputs = tester.inputs()
+        last = tester.num_layers - 1
+        calls = []
+        handle = model.layer_map.down_projections[last].register_forward_hook(lambda *_: calls.append(1))
+        full = model(**inputs).logits
+        assert len(calls) == 1
+        with torch.inference_mode():
+            stopped = model(**inputs).logits
+        handle.remove()
+        assert len(calls) == 1
+        torch.testing.assert_close(stopped, full)  # T5 differs by 1e-7 with and without autograd
+
     def test_gradients_equal_with_activation_checkpointing(self, tester, arch):
         model = tester.model(arch, num_labels=2)
         for module in model.modules():
