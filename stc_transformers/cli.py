@@ -110,6 +110,8 @@ def _add_data_arguments(parser, *, labels: bool = True):
              "`name=CONFIG` for a Hub dataset; VALUE is read as JSON when it parses (numbers, true/false)",
     )
     group.add_argument("--text-column", default="text", help="column holding the texts")
+    group.add_argument("--text-pair-column", default=None,
+                       help="column holding the second text of sentence-pair tasks (NLI, paraphrase)")
     if labels:
         group.add_argument(
             "--label-column", default="label",
@@ -257,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="texts to classify: .txt (one per line, blank lines skipped) or .csv/.tsv/.jsonl/.json/.parquet "
              "(the --text-column)",
     )
+    predict.add_argument("--text-pair", action="append", metavar="TEXT",
+                         help="the second text of a sentence pair, one per --text, in the same order")
     predict.add_argument("--text-column", default="text", help="text column of a tabular --input file")
+    predict.add_argument("--text-pair-column", default=None,
+                         help="column of a tabular --input file holding the second text of sentence pairs")
     predict.add_argument("--output", metavar="FILE", default=None,
                          help="write the predictions to this .jsonl (or .csv) file instead of printing them")
     predict.add_argument("--top-k", type=_positive_int, default=None,
@@ -392,10 +398,11 @@ def load_data(args):
     source, description = _data_source(args.data)
     kwargs = _parse_data_args(args.data_arg)
     try:
-        data = load_text_dataset(source, text_column=args.text_column, label_column=args.label_column, **kwargs)
+        data = load_text_dataset(source, text_column=args.text_column, label_column=args.label_column,
+                                 text_pair_column=args.text_pair_column, **kwargs)
     except ValueError as error:
-        message = str(error).replace("Pass text_column=... / label_column=... to choose them.",
-                                     "Choose them with --text-column / --label-column.")
+        message = str(error).replace("Pass text_column=... / text_pair_column=... / label_column=... to choose them.",
+                                     "Choose them with --text-column / --text-pair-column / --label-column.")
         raise CLIError(message) from error
     except (KeyboardInterrupt, CLIError):
         raise
@@ -431,6 +438,14 @@ def _check_texts(texts, where: str) -> list[str]:
             kind = "empty" if missing else f"a {type(text).__name__}, not a string"
             raise CLIError(f"Text {i} of {where} (counting from 0) is {kind}: drop or fill that row.")
     return texts
+
+
+def _split_texts(split, where: str) -> list:
+    """The split's texts, or (text, text_pair) pairs when it has a `text_pair` column; checked."""
+    texts = _check_texts(split["text"], where)
+    if "text_pair" not in split.column_names:
+        return texts
+    return list(zip(texts, _check_texts(split["text_pair"], f"the text_pair column of {where}")))
 
 
 def _model_exists_or_hub_id(name: str) -> None:
@@ -543,7 +558,7 @@ def cmd_fit(args) -> int:
     test = _subsample(data[test_name], args.max_eval_samples, args.seed) if test_name else None
     for name, split in ((train_name, train), (val_name, validation), (test_name, test)):
         if split is not None:
-            _check_texts(split["text"], f"split {name!r}")
+            _split_texts(split, f"split {name!r}")
 
     model = STCForSequenceClassification.from_backbone_pretrained(
         model_path, sources=args.sources, poolings=args.poolings, dtype=getattr(torch, args.dtype), **remote)
@@ -554,7 +569,8 @@ def cmd_fit(args) -> int:
     search = {k: tuple(v) for k, v in (("etas", args.etas), ("strength_ratios", args.strength_ratios),
                                         ("final_strengths", args.final_strengths)) if v}
     training_args = STCTrainingArguments(
-        output_dir=str(output_dir), max_length=args.max_length, batch_size=args.batch_size, cache_dir=str(cache_dir),
+        output_dir=str(output_dir), text_pair_column="text_pair" if args.text_pair_column else None,
+        max_length=args.max_length, batch_size=args.batch_size, cache_dir=str(cache_dir),
         validation_fraction=args.validation_fraction, search_samples=args.search_samples, max_iter=args.max_iter,
         finalists=args.finalists,
         early_exit_tolerance=args.early_exit_tolerance, seed=args.seed, device=args.device,
@@ -653,7 +669,7 @@ def cmd_evaluate(args) -> int:
     if split is None:
         raise CLIError(f"The data has no 'test' split; choose one of {list(data)} with --split.")
     dataset = _subsample(data[split], args.max_eval_samples, args.seed)
-    texts = _check_texts(dataset["text"], f"split {split!r}")
+    texts = _split_texts(dataset, f"split {split!r}")
     model, tokenizer = load_stc(args.model, device=args.device)
     targets, task = _labels_for_model(model, dataset)
     max_length = args.max_length or _saved_max_length(args.model)
@@ -668,6 +684,27 @@ def cmd_evaluate(args) -> int:
     if args.output:
         _write_json(Path(args.output).expanduser(), payload)
     return 0
+
+
+def _predict_inputs(args) -> list:
+    """The texts of `stc predict`, or (text, text_pair) pairs with --text-pair / --text-pair-column."""
+    if args.text is not None:
+        texts = _check_texts(args.text, "--text")
+        if args.text_pair is None:
+            return texts
+        pairs = _check_texts(args.text_pair, "--text-pair")
+        if len(pairs) != len(texts):
+            raise CLIError(f"Got {len(texts)} --text but {len(pairs)} --text-pair: give one --text-pair per --text.")
+        return list(zip(texts, pairs))
+    if args.text_pair is not None:
+        raise CLIError("--text-pair goes with --text; for an --input file use --text-pair-column.")
+    texts = _read_texts(args.input, args.text_column)
+    if args.text_pair_column is None:
+        return texts
+    if Path(args.input).suffix.lower() == ".txt":
+        raise CLIError("A .txt --input holds single texts; give sentence pairs in a .csv/.tsv/.jsonl/.json/.parquet "
+                       "file with --text-column and --text-pair-column.")
+    return list(zip(texts, _read_texts(args.input, args.text_pair_column)))
 
 
 def _read_texts(path_text: str, column: str) -> list[str]:
@@ -711,7 +748,7 @@ def _read_json(path):
 def cmd_predict(args) -> int:
     from transformers import pipeline
 
-    texts = _check_texts(args.text, "--text") if args.text is not None else _read_texts(args.input, args.text_column)
+    texts = _predict_inputs(args)
     model, tokenizer = load_stc(args.model, device=args.device)
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
     call = {"batch_size": args.batch_size}
@@ -722,14 +759,16 @@ def cmd_predict(args) -> int:
             call["max_length"] = max_length
     if args.top_k:
         call["top_k"] = min(args.top_k, model.config.num_labels)
-    outputs = classifier(texts, **call)
+    inputs = [{"text": t[0], "text_pair": t[1]} if isinstance(t, tuple) else t for t in texts]
+    outputs = classifier(inputs, **call)
     rows = []
-    for text, output in zip(texts, outputs):
+    for given, output in zip(inputs, outputs):
+        row = dict(given) if isinstance(given, dict) else {"text": given}
         if args.top_k:
-            rows.append({"text": text, "predictions": [{"label": o["label"], "score": round(o["score"], 6)}
-                                                       for o in output]})
+            row["predictions"] = [{"label": o["label"], "score": round(o["score"], 6)} for o in output]
         else:
-            rows.append({"text": text, "label": output["label"], "score": round(output["score"], 6)})
+            row.update(label=output["label"], score=round(output["score"], 6))
+        rows.append(row)
     if args.output is None:
         for row in rows:
             _say(json.dumps(row, ensure_ascii=False))
@@ -739,8 +778,7 @@ def cmd_predict(args) -> int:
     if output.suffix.lower() == ".csv":
         import pandas as pd
 
-        flat = [{"text": r["text"], **({"label": r["label"], "score": r["score"]} if "label" in r
-                                         else {"predictions": json.dumps(r["predictions"])})} for r in rows]
+        flat = [{**r, "predictions": json.dumps(r["predictions"])} if "predictions" in r else r for r in rows]
         pd.DataFrame(flat).to_csv(output, index=False)
     else:
         with open(output, "w", encoding="utf-8") as handle:

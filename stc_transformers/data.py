@@ -295,9 +295,12 @@ def _as_dataset_dict(data, split) -> DatasetDict:
     return DatasetDict(dict(zip(names, data)))
 
 
-def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | None) -> DatasetDict:
-    """Rename the user's columns to ``text`` / ``label``; turn string labels into a ``ClassLabel``."""
-    wanted = {text_column: "text"} | ({label_column: "label"} if label_column else {})
+def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | None,
+                         text_pair_column: str | None = None) -> DatasetDict:
+    """Rename the user's columns to ``text`` (and ``text_pair``) / ``label``; turn string labels into a
+    ``ClassLabel``."""
+    wanted = ({text_column: "text"} | ({text_pair_column: "text_pair"} if text_pair_column else {})
+              | ({label_column: "label"} if label_column else {}))
     rename = {old: new for old, new in wanted.items() if old != new}
     out = {}
     for name, ds in dd.items():
@@ -305,7 +308,7 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
         if missing:
             raise ValueError(
                 f"Column(s) {missing} not found in split {name!r}; available columns: {ds.column_names}. "
-                "Pass text_column=... / label_column=... to choose them."
+                "Pass text_column=... / text_pair_column=... / label_column=... to choose them."
             )
         clashing = [new for new in rename.values() if new in ds.column_names and new not in rename]
         out[name] = ds.remove_columns(clashing).rename_columns(rename)
@@ -317,8 +320,12 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
     return dd
 
 
-def load_text_dataset(source, text_column: str = "text", label_column: str | None = "label", split=None, **kwargs) -> DatasetDict:
+def load_text_dataset(source, text_column: str = "text", label_column: str | None = "label", split=None,
+                      text_pair_column: str | None = None, **kwargs) -> DatasetDict:
     """Load a text-classification dataset as a ``DatasetDict`` with ``text`` and ``label`` columns.
+
+    Sentence-pair tasks (NLI, paraphrase) name their second text column with ``text_pair_column``; it becomes
+    ``text_pair`` (fit with ``STCTrainingArguments(text_pair_column="text_pair")``).
 
     ``source`` may be a built-in name (``"rotten_tomatoes_offline"``, ``"movie_valence"``,
     ``"bbc_news"``, ``"sample"``; ``kwargs`` go to its loader), a local csv/tsv/json/jsonl/parquet
@@ -340,4 +347,4 @@ def load_text_dataset(source, text_column: str = "text", label_column: str | Non
         data = datasets.load_from_disk(str(source))
     else:  # a Hub dataset id (or a local folder of data files)
         data = datasets.load_dataset(source, split=split, **kwargs)
-    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column)
+    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column, text_pair_column)

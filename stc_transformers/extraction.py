@@ -39,17 +39,49 @@ COMMIT_SECONDS = 30.0  # default interval between flushes of the cache to disk
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
 
-def check_texts(texts) -> list[str]:
-    """Texts must be non-empty strings; say which one is not."""
+def check_texts(texts) -> list:
+    """Texts must be non-empty strings; say which one is not.
+
+    Sentence pairs (NLI, paraphrase) come as (text, text_pair) tuples or lists, or as dicts with "text" and
+    "text_pair" keys like the `pipeline` takes; they are returned as tuples, and all inputs must be of one kind.
+    """
     texts = list(texts)
     if not texts:
         raise ValueError("No texts given: pass at least one example.")
+    pairs = _as_pair(texts[0]) is not None
+    checked = []
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"Text {i} is a {type(text).__name__}, not a string: {text!r:.80}. Clean the text column.")
-        if not text.strip():
-            raise ValueError(f"Text {i} is empty or only whitespace. Drop empty rows before fitting or predicting.")
-    return texts
+        pair = _as_pair(text)
+        if (pair is not None) != pairs:
+            raise ValueError(
+                f"Text {i} is a {type(text).__name__} but text 0 is a {type(texts[0]).__name__}: pass only "
+                "strings, or only (text, text_pair) pairs."
+            )
+        if pair is not None and len(pair) != 2:
+            raise ValueError(
+                f"Text {i} is a {type(text).__name__} of {len(pair)} items: {text!r:.80}. Pass strings, or "
+                "(text, text_pair) pairs of two strings."
+            )
+        for part in pair or (text,):
+            if not isinstance(part, str):
+                raise ValueError(
+                    f"Text {i} is a {type(part).__name__}, not a string: {part!r:.80}. Clean the text column."
+                )
+            if not part.strip():
+                raise ValueError(
+                    f"Text {i} is empty or only whitespace. Drop empty rows before fitting or predicting."
+                )
+        checked.append(pair or text)
+    return checked
+
+
+def _as_pair(text) -> tuple | None:
+    """(text, text_pair) for a pair given as a 2-tuple/list or a {"text", "text_pair"} dict, else None."""
+    if isinstance(text, dict) and set(text) == {"text", "text_pair"}:
+        return text["text"], text["text_pair"]
+    if isinstance(text, (tuple, list)):
+        return tuple(text)
+    return None
 
 
 def model_fingerprint(model) -> str:
@@ -63,10 +95,12 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def texts_fingerprint(texts: list[str]) -> str:
+def texts_fingerprint(texts: list) -> str:
     digest = hashlib.sha256()
     for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass"))
+        for part_number, part in enumerate((text,) if isinstance(text, str) else text):
+            digest.update(b"\1" if part_number else b"")  # pairs differ from the single text of both parts
+            digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()
 

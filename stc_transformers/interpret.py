@@ -19,6 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .extraction import check_texts
+from .tokenization import encode, prepare_tokenizer
+
 
 METRIC_NAMES = {"accuracy": "accuracy", "micro_f1": "micro-F1", "r2": "R²"}
 _NOT_FITTED = (
@@ -281,7 +284,7 @@ class Explanation:
     |contribution|.
     """
 
-    text: str
+    text: str | tuple[str, str]
     prediction: str | list[str] | float | list[float]
     labels: list[str]
     logits: list[float]
@@ -313,18 +316,15 @@ def _prediction(task: str, logits: torch.Tensor, labels: list[str]):
 
 @torch.no_grad()
 def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None = None, batch_size: int = 32):
-    """Explain the model's predictions for `texts` (a string or a list), in batches of `batch_size`."""
+    """Explain the model's predictions for `texts` (a string, a (text, text_pair) tuple, or a list of either), in
+    batches of `batch_size`."""
     check_fitted(model)
-    if isinstance(texts, str):
+    if isinstance(texts, (str, tuple, dict)):
         texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise ValueError("`texts` is empty: pass at least one text.")
+    texts = check_texts(texts)
     if top_k < 1:
         raise ValueError(f"`top_k` must be >= 1, got {top_k}.")
     if tokenizer.pad_token is None and len(texts) > 1:
-        from .tokenization import prepare_tokenizer
-
         prepare_tokenizer(tokenizer)
     names = model.feature_names()
     labels, task = label_names(model), problem_type(model)
@@ -338,7 +338,8 @@ def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None 
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch = encode(tokenizer, chunk, padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")
             inputs = {k: v.to(model.device) for k, v in batch.items()
                       if k in ("input_ids", "attention_mask", "token_type_ids")}
             features = model.pooled_features(**inputs)

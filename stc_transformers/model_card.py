@@ -253,7 +253,8 @@ def make_model_card(
         hyperparameters=_hyperparameters(model, summary.get("chosen") or {}, selection),
         candidate_rows=_candidate_rows(summary),
         searched=bool(summary),
-        example_text="A warm, funny and moving film.",
+        example_input=('{"text": "A man is playing a guitar.", "text_pair": "Someone is making music."}'
+                       if summary.get("text_pairs") else '"A warm, funny and moving film."'),
     )
 
 

@@ -24,8 +24,16 @@ def prepare_tokenizer(tokenizer, model=None):
     return tokenizer
 
 
+def encode(tokenizer, texts: list, **kwargs):
+    """Tokenize texts, or (text, text_pair) pairs (as checked by `extraction.check_texts`) as sentence pairs."""
+    if texts and isinstance(texts[0], tuple):
+        firsts, seconds = zip(*texts)
+        return tokenizer(list(firsts), list(seconds), **kwargs)
+    return tokenizer(texts, **kwargs)
+
+
 class LengthSortedBatches:
-    """Texts tokenized once and cut into batches of similar token counts, longest first.
+    """Texts (or text pairs) tokenized once and cut into batches of similar token counts, longest first.
 
     Batches of similar lengths carry little padding, and pooling slices their few runs of equal spans instead of
     masking (`features_stc.token_spans`). `batch(number)` pads batch `number`; `index[number]` holds the input
@@ -34,9 +42,9 @@ class LengthSortedBatches:
 
     COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self, tokenizer, texts: list[str], *, max_length: int | None, batch_size: int):
+    def __init__(self, tokenizer, texts: list, *, max_length: int | None, batch_size: int):
         self.tokenizer = tokenizer
-        self.encodings = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+        self.encodings = encode(tokenizer, texts, truncation=max_length is not None, max_length=max_length)
         self.lengths = np.array([len(ids) for ids in self.encodings["input_ids"]])
         if (self.lengths == 0).any():
             raise ValueError(f"Text {int(np.argmin(self.lengths))} tokenizes to nothing; drop it or fix the tokenizer.")

@@ -32,6 +32,7 @@ class STCTrainingArguments:
 
     output_dir: str = "stc_output"
     text_column: str = "text"
+    text_pair_column: str | None = None
     label_column: str = "label"
     max_length: int | None = 256
     batch_size: int = 32
@@ -199,25 +200,30 @@ class LabelEncoder:
             config.label2id = {name: i for i, name in enumerate(self.names)}
 
 
-def _columns(dataset, text_column, label_column, need_labels=True):
-    """Texts (and labels with their feature) from a `datasets.Dataset`, a dict of lists, or (texts, labels)."""
+def _columns(dataset, args, need_labels=True):
+    """Texts (pairs with `args.text_pair_column`) and labels with their feature, from a `datasets.Dataset`, a dict
+    of lists, or (texts, labels)."""
     if isinstance(dataset, tuple):
         texts, labels = dataset
         return check_texts(texts), (list(labels) if labels is not None else None), None
     if isinstance(dataset, list):
         return check_texts(dataset), None, None
     names = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
-    if text_column not in names:
-        raise ValueError(f"Text column {text_column!r} not found; the data has columns {names}. "
-                         "Set `text_column=`.")
+    for option in ("text_column", "text_pair_column"):
+        column = getattr(args, option)
+        if column is not None and column not in names:
+            raise ValueError(f"Text column {column!r} not found; the data has columns {names}. Set `{option}=`.")
     labels, feature = None, None
-    if label_column in names:
-        labels = list(dataset[label_column])
-        feature = getattr(dataset, "features", {}).get(label_column) if hasattr(dataset, "features") else None
+    if args.label_column in names:
+        labels = list(dataset[args.label_column])
+        feature = getattr(dataset, "features", {}).get(args.label_column) if hasattr(dataset, "features") else None
     elif need_labels:
-        raise ValueError(f"Label column {label_column!r} not found; the data has columns {names}. "
+        raise ValueError(f"Label column {args.label_column!r} not found; the data has columns {names}. "
                          "Set `label_column=`.")
-    return check_texts(dataset[text_column]), labels, feature
+    texts = dataset[args.text_column]
+    if args.text_pair_column is not None:
+        texts = list(zip(texts, dataset[args.text_pair_column]))
+    return check_texts(texts), labels, feature
 
 
 def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool):
@@ -285,12 +291,12 @@ class STCTrainer:
         if self.train_dataset is None:
             raise ValueError("Pass `train_dataset=` to fit.")
         started = time.perf_counter()
-        texts, labels, feature = _columns(self.train_dataset, args.text_column, args.label_column)
+        texts, labels, feature = _columns(self.train_dataset, args)
         self.encoder = LabelEncoder.fit(labels, feature, self.model.config.problem_type
                                         if self.model.config.problem_type and self.model.config.selection else None)
         y = self.encoder.encode(labels)
         if self.eval_dataset is not None:
-            val_texts, val_labels, _ = _columns(self.eval_dataset, args.text_column, args.label_column)
+            val_texts, val_labels, _ = _columns(self.eval_dataset, args)
             y_val = self.encoder.encode(val_labels)
             validation = "given"
         else:
@@ -332,6 +338,7 @@ class STCTrainer:
             "layer_scores": {k: [round(v, 6) for v in scores] for k, scores in result.layer_scores.items()},
             "base_score": round(result.base_score, 6),
             "candidates_top": candidates[:20],
+            "text_pairs": isinstance(texts[0], tuple),
             "num_train": len(texts),
             "num_validation": len(val_texts),
             "validation": validation,
@@ -384,7 +391,7 @@ class STCTrainer:
     def predict(self, dataset) -> PredictionOutput:
         """Logits for a dataset (or list of texts); metrics when it has labels."""
         self._require_fitted()
-        texts, labels, _ = _columns(dataset, self.args.text_column, self.args.label_column, need_labels=False)
+        texts, labels, _ = _columns(dataset, self.args, need_labels=False)
         logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.token_limit(self.model),
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None

@@ -267,6 +267,42 @@ def test_fit_multi_label_and_regression(backbone, capsys, tmp_path):
     assert code == 0 and isinstance(json.loads(out)["score"], float)
 
 
+def test_sentence_pairs_fit_evaluate_predict(backbone, capsys, tmp_path):
+    """--text-pair-column for fit / evaluate / predict files, --text with --text-pair for predict."""
+    hypotheses, labels = synthetic_texts(200, 2, seed=5)
+    premises, _ = synthetic_texts(200, 2, seed=6)
+    rows = [{"premise": p, "hypothesis": h, "label": NAMES[y]} for p, h, y in zip(premises, hypotheses, labels)]
+    train, test = write_jsonl(tmp_path / "train.jsonl", rows[:150]), write_jsonl(tmp_path / "test.jsonl", rows[150:])
+    columns = ["--text-column", "premise", "--text-pair-column", "hypothesis"]
+    code, out, err = run(capsys, "fit", "--model", backbone, "--data", f"train={train}", f"test={test}", *columns,
+                         "--output-dir", tmp_path / "out", *FAST)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["test_metrics"]["test_accuracy"] >= 0.65  # the label is in the second text only
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", test, *columns)
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["accuracy"] == pytest.approx(metrics["test_metrics"]["test_accuracy"])
+
+    pairs = [{"text": r["premise"], "text_pair": r["hypothesis"]} for r in rows[150:155]]
+    expected = pipeline("text-classification", model=str(tmp_path / "out"))(pairs)
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "out",
+                         *[a for p in pairs for a in ("--text", p["text"], "--text-pair", p["text_pair"])])
+    assert code == 0, err
+    predicted = [json.loads(line) for line in out.splitlines()]
+    assert [{"text": r["text"], "text_pair": r["text_pair"]} for r in predicted] == pairs
+    assert [r["label"] for r in predicted] == [e["label"] for e in expected]
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "out", "--input", test, *columns,
+                         "--output", tmp_path / "pred.csv")
+    assert code == 0, err
+    with open(tmp_path / "pred.csv", encoding="utf-8") as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == 50 and [line["label"] for line in lines[:5]] == [e["label"] for e in expected]
+    assert lines[0]["text_pair"] == rows[150]["hypothesis"]
+    code, _, err = run(capsys, "predict", "--model", tmp_path / "out", "--text", "w1", "--text", "w2",
+                       "--text-pair", "w3")
+    assert code == 2 and "Got 2 --text but 1 --text-pair" in err
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # push
 # ------------------------------------------------------------------------------------------------------------------
@@ -322,11 +358,11 @@ BAD_INPUTS = [
      "dataset id (owner/name)."),
     (["evaluate", "--model", "{fitted}", "--data", "{work}/test.csv"],
      "stc evaluate: error: Column(s) ['text', 'label'] not found in split 'train'; available columns: ['review', "
-     "'sentiment']. Choose them with --text-column / --label-column."),
+     "'sentiment']. Choose them with --text-column / --text-pair-column / --label-column."),
     (["fit", "--model", "{backbone}", "--data", "{work}/train.csv", "--text-column", "review", "--label-column",
       "stars", "--output-dir", "{tmp}/o"],
      "stc fit: error: Column(s) ['stars'] not found in split 'train'; available columns: ['review', 'sentiment']. "
-     "Choose them with --text-column / --label-column."),
+     "Choose them with --text-column / --text-pair-column / --label-column."),
     (["fit", "--model", "{backbone}", "--data", "{work}/empty_text.csv", "--text-column", "review",
       "--label-column", "sentiment", "--output-dir", "{tmp}/o"],
      "stc fit: error: Text 2 of split 'train' (counting from 0) is empty: drop or fill that row."),

@@ -109,6 +109,20 @@ def test_load_split_files_string_labels_and_clashing_column(tmp_path):
     assert list(only_test) == ["test"]
 
 
+def test_sentence_pair_columns(tmp_path):
+    path = tmp_path / "nli.jsonl"
+    pd.DataFrame({"premise": ["a", "b"], "hypothesis": ["c", "d"], "gold": ["entailment", "contradiction"]}).to_json(
+        path, orient="records", lines=True)
+    dd = load_text_dataset(str(path), text_column="premise", text_pair_column="hypothesis", label_column="gold",
+                           cache_dir=str(tmp_path / "hf"))
+    assert set(dd["train"].column_names) == {"text", "text_pair", "label"}
+    assert dd["train"]["text_pair"] == ["c", "d"] and dd["train"].features["label"].names == ["contradiction",
+                                                                                             "entailment"]
+    with pytest.raises(ValueError, match=r"\['premise2'\] not found.*text_pair_column"):
+        load_text_dataset(str(path), text_column="premise", text_pair_column="premise2", label_column="gold",
+                          cache_dir=str(tmp_path / "hf"))
+
+
 def test_missing_column_error_lists_available_columns(tmp_path, reviews):
     path = tmp_path / "reviews.csv"
     reviews.to_csv(path, index=False)

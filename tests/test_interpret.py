@@ -234,8 +234,10 @@ def test_bad_arguments(model, tokenizer):
         report.layer(99)
     with pytest.raises(ValueError, match="k.*>= 1"):
         report.top_neurons_frame(k=0)
-    with pytest.raises(ValueError, match="`texts` is empty"):
+    with pytest.raises(ValueError, match="No texts given"):
         explain(model, tokenizer, [])
+    with pytest.raises(ValueError, match="Text 1 is empty"):
+        explain(model, tokenizer, ["w1", " "])
     with pytest.raises(ValueError, match="top_k"):
         explain(model, tokenizer, TEXTS, top_k=0)
 

@@ -183,6 +183,61 @@ def test_same_seed_same_selection_and_predictions(tmp_path):
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
+def test_sentence_pairs(tmp_path):
+    """NLI/paraphrase-style data: the label lives in the second text only, so the fit must read the pairs; the
+    saved model gives the same outputs through `pipeline` ({"text", "text_pair"} inputs) and `explain`."""
+    from stc_transformers.interpret import explain
+
+    seconds, labels = synthetic_texts(200, 2, seed=5)
+    firsts, _ = synthetic_texts(200, 2, seed=6)  # classes unrelated to the labels
+    data = Dataset.from_dict({"premise": firsts, "hypothesis": seconds, "label": labels})
+    split = data.train_test_split(test_size=0.25, seed=0)
+    args = small_args(tmp_path, text_column="premise", text_pair_column="hypothesis")
+    trainer = STCTrainer(STCModelTester().model("bert"), args, train_dataset=split["train"],
+                         eval_dataset=split["test"], processing_class=make_tiny_tokenizer())
+    result = trainer.train()
+    assert result.validation_score >= 0.7  # chance is 0.5: the first texts carry no signal
+    pairs = list(zip(split["test"]["premise"], split["test"]["hypothesis"]))
+    predictions = trainer.predict(split["test"]).predictions
+    np.testing.assert_allclose(predictions, trainer._validation_outputs.numpy(), atol=1e-4)
+    np.testing.assert_allclose(trainer.predict(pairs).predictions, predictions, atol=1e-5)
+    path = trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert 'classifier({"text": "A man is playing a guitar.", "text_pair": "Someone is making music."})' in card
+    classifier = pipeline("text-classification", model=path)
+    piped = classifier([{"text": a, "text_pair": b} for a, b in pairs[:8]], top_k=None)
+    for output, row in zip(piped, predictions[:8]):
+        scores = {o["label"]: o["score"] for o in output}
+        np.testing.assert_allclose([scores["0"], scores["1"]] if "0" in scores else
+                                   [scores["LABEL_0"], scores["LABEL_1"]], torch.softmax(torch.tensor(row), -1),
+                                   atol=1e-5)
+    explained = explain(trainer.model, trainer.tokenizer, pairs[:2] + [{"text": pairs[2][0], "text_pair": pairs[2][1]}])
+    assert [e.text for e in explained] == pairs[:3]
+    np.testing.assert_allclose([e.logits for e in explained], predictions[:3], atol=1e-5)
+    # the same texts read one at a time are other inputs: their features are not the pairs' features
+    single = trainer.predict(list(split["test"]["premise"])).predictions
+    assert not np.allclose(single, predictions, atol=1e-3)
+
+
+@pytest.mark.parametrize("texts,match", [
+    ([("w1", "w2"), "w3"], "Text 1 is a str but text 0 is a tuple"),
+    (["w1", ["w2", "w3"]], "Text 1 is a list but text 0 is a str"),
+    ([("w1", "w2", "w3")], "Text 0 is a tuple of 3 items"),
+    ([("w1", "w2"), ("w3", " ")], "Text 1 is empty"),
+    ([("w1", None)], "Text 0 is a NoneType"),
+])
+def test_bad_text_pairs(tmp_path, texts, match):
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=(texts, [0, 1][: len(texts)]), processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+def test_text_pair_column_missing(tmp_path):
+    with pytest.raises(ValueError, match="Text column 'hypothesis' not found.*Set `text_pair_column=`"):
+        trainer_for(tmp_path, ["w1"] * 4, [0, 1, 0, 1], text_pair_column="hypothesis").train()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------------------------
