@@ -87,21 +87,23 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _is_mixture_of_experts(layer: nn.Module) -> bool:
-    """MoE blocks (routers, experts; in v5 often fused into 3-D parameters) have no single neuron vector."""
+def _has_no_dense_mlp(layer: nn.Module) -> bool:
+    """MoE blocks (routers, experts; in v5 often fused into 3-D parameters) and convolutional or state-space mixers
+    (3-D kernels) outside attention have no single dense neuron vector."""
     for name, module in layer.named_modules():
         label = f"{name} {type(module).__name__}".lower()
         if any(part in label for part in _MOE_NAME_PARTS):
             return True
-    return any(param.dim() >= 3 for param in layer.parameters(recurse=True))
+    return any(param.dim() >= 3 for name, param in layer.named_parameters()
+               if not any(part in name.lower() for part in _ATTENTION_NAME_PARTS))
 
 
 def find_down_projection(layer: nn.Module, hidden_size: int) -> nn.Module:
     """The one Linear/Conv1D inside `layer` mapping intermediate_size -> hidden_size outside attention."""
-    if _is_mixture_of_experts(layer):
+    if _has_no_dense_mlp(layer):
         raise ValueError(
-            f"{type(layer).__name__} has no single dense MLP (a mixture-of-experts or state-space block), so STC's "
-            "`mlp` source cannot read it. Use `sources=['hidden']` for this backbone."
+            f"{type(layer).__name__} has no single dense MLP (a mixture-of-experts, state-space or convolutional "
+            "block), so STC's `mlp` source cannot read it. Use `sources=['hidden']` for this backbone."
         )
     found = []
     for name, module in layer.named_modules():
@@ -127,24 +129,23 @@ def backbone_hidden_size(backbone: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class LayerMap:
-    """Where the hooks go: the block list and, per block, the MLP down-projection (None when not needed)."""
+    """Where the hooks go: the block list and, per block, the MLP down-projection (None when not needed); `dims`
+    gives the width of each source (`hidden`, and `mlp` when the down-projections were found)."""
 
     path: str
     layers: nn.ModuleList
     down_projections: tuple[nn.Module | None, ...]
+    dims: dict[str, int]
 
     @classmethod
     def build(cls, backbone: nn.Module, need_mlp: bool = True) -> "LayerMap":
         path, layers = find_layer_list(backbone)
         hidden = backbone_hidden_size(backbone)
         downs = tuple(find_down_projection(layer, hidden) if need_mlp else None for layer in layers)
-        return cls(path, layers, downs)
-
-    def source_dims(self, backbone: nn.Module) -> dict[str, int]:
-        dims = {"hidden": backbone_hidden_size(backbone)}
-        if self.down_projections and self.down_projections[0] is not None:
-            dims["mlp"] = _linear_shape(self.down_projections[0])[0]
-        return dims
+        dims = {"hidden": hidden}
+        if need_mlp and downs:
+            dims["mlp"] = _linear_shape(downs[0])[0]
+        return cls(path, layers, downs, dims)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,8 +236,9 @@ class _StopForward(Exception):
 class _Capture:
     """Collects pooled features while a backbone runs; see `capture_pooled`."""
 
-    def __init__(self, mask, requests, neurons):
+    def __init__(self, mask, requests, neurons, dims):
         self.mask = mask
+        self.dims = dims  # {source: features per token}
         self.spans = token_spans(mask)  # computed once per batch
         self.requests = requests  # {(source, layer): tuple of poolings}
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
@@ -249,13 +251,24 @@ class _Capture:
         self.stop_layer = last if only_mlp and not torch.is_grad_enabled() else None
 
     def _pool_into(self, source, layer, states):
+        batch, tokens = self.mask.shape
         if states.dim() == 2 and states.shape[0] == self.mask.numel():  # tokens flattened over the batch (e.g. OPT)
-            states = states.view(*self.mask.shape, states.shape[1])
+            states = states.view(batch, tokens, states.shape[1])
         if states.dim() != 3:
             raise ValueError(
                 f"Layer {layer} gave a {states.dim()}-D {source} tensor; STC pools [batch, tokens, features] "
                 "tensors (unpadded/packed attention implementations are not supported: load the backbone with "
                 "`attn_implementation='sdpa'` or 'eager')."
+            )
+        width = self.dims[source]
+        if states.shape[0] == batch and states.shape[1] > tokens and states.shape[2] == width:
+            states = states[:, :tokens]  # padded inside the backbone to a window multiple (Longformer, BigBird)
+        if states.shape != (batch, tokens, width):
+            raise ValueError(
+                f"Layer {layer} gave a {source} tensor of shape {tuple(states.shape)} for a batch of {batch} texts "
+                f"of {tokens} tokens and {width} features: STC pools [batch, tokens, features] tensors, and this "
+                "backbone lays them out otherwise (sequence-first as in XLNet, channels-first as in SqueezeBERT, or "
+                "with tokens pooled between layers). It is not supported."
             )
         index = self.neurons.get((source, layer))
         if index is not None:
@@ -303,7 +316,7 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
     down-projection, when that layer gives only MLP features): code after it in the same context does not run.
     Hooks are removed when the context exits, even on error.
     """
-    state = _Capture(attention_mask, requests, neurons or {})
+    state = _Capture(attention_mask, requests, neurons or {}, layer_map.dims)
     handles = []
     try:
         for source, layer in requests:
@@ -315,6 +328,14 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
             yield state.pooled
         except _StopForward:  # the backbone was stopped after the last feature it had to give
             pass
+        missing = [(source, layer) for (source, layer), poolings in requests.items()
+                   if any((source, method, layer) not in state.pooled for method in poolings)]
+        if missing:
+            raise ValueError(
+                f"The backbone ran without calling the hooks of its blocks ({missing[0][0]} of layer "
+                f"{missing[0][1]} never came): it calls them outside `nn.Module.__call__` (e.g. SqueezeBERT's "
+                "`layer.forward(...)`). It is not supported."
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -335,11 +356,20 @@ def ids_position_table(backbone: nn.Module) -> nn.Embedding | None:
     return None
 
 
+def first_position_id(backbone: nn.Module) -> int:
+    """The position id of a text's first token when none are passed: the first entry of the backbone's
+    `position_ids` buffer where it keeps one (2 in YOSO, MRA and Nystromformer), else 0."""
+    for name, buffer in backbone.named_buffers():
+        if name.split(".")[-1] == "position_ids" and buffer.numel():
+            return int(buffer.reshape(-1)[0])
+    return 0
+
+
 def backbone_window(backbone: nn.Module) -> int | None:
     """Most tokens the backbone reads at once: its position table (`max_position_embeddings`), less the offset of
     RoBERTa-style position ids that start after the padding index; None when the config sets no limit."""
     limit = getattr(backbone.config.get_text_config(), "max_position_embeddings", None)
-    if limit is None:
+    if limit is None or limit <= 0:  # e.g. XLNet's -1: no limit
         return None
     table = ids_position_table(backbone)
     if table is not None:

@@ -31,7 +31,14 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_stc import STCConfig, is_causal_backbone
-from .features_stc import ChunkPlan, LayerMap, backbone_window, capture_pooled, ids_position_table
+from .features_stc import (
+    ChunkPlan,
+    LayerMap,
+    backbone_window,
+    capture_pooled,
+    first_position_id,
+    ids_position_table,
+)
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -288,11 +295,12 @@ class STCForSequenceClassification(STCPreTrainedModel):
 
     def _build_head_input(self):
         self.layer_map = LayerMap.build(self.backbone, need_mlp="mlp" in self.config.sources)
-        self.source_dims = self.layer_map.source_dims(self.backbone)
+        self.source_dims = self.layer_map.dims
         if len(self.layer_map.layers) != self.config.text_config.num_hidden_layers:
             raise ValueError(
-                f"The backbone has {len(self.layer_map.layers)} layers but its config says "
-                f"{self.config.text_config.num_hidden_layers}."
+                f"{type(self.backbone).__name__} has {self.config.text_config.num_hidden_layers} layers in its "
+                f"config but STC found a list of {len(self.layer_map.layers)} blocks at `{self.layer_map.path}`: its "
+                "layers are not one stack of blocks (e.g. CANINE's character encoders). It is not supported."
             )
         if self.config.selection:
             for group in self.config.selection:
@@ -307,6 +315,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         self._positions_from_mask = (
             "position_ids" in self._backbone_arguments and ids_position_table(self.backbone) is None
         )
+        self._first_position = None  # read at the first forward: buffers are still on the meta device here
 
     @classmethod
     def from_backbone_pretrained(
@@ -409,7 +418,13 @@ class STCForSequenceClassification(STCPreTrainedModel):
             if "use_cache" in accepted:
                 backbone_inputs["use_cache"] = False
             if self._positions_from_mask and "position_ids" not in backbone_inputs:
-                backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                # tokens count from the first real one: the backbone's own positions for right padding, shifted
+                # past left padding
+                leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+                positions = torch.arange(attention_mask.shape[1], device=attention_mask.device) - leading
+                if self._first_position is None:
+                    self._first_position = first_position_id(self.backbone)
+                backbone_inputs["position_ids"] = positions.clamp(min=0) + self._first_position
             try:
                 self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
             except (IndexError, RuntimeError) as error:  # position tables / buffers indexed past their end

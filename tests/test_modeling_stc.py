@@ -295,12 +295,8 @@ def test_unknown_pooling_or_source_names(tester):
         tester.stc_config("bert", sources=["attention"])
 
 
-@pytest.mark.parametrize("arch", ["opt", "mpnet"])
-def test_captured_features_match_the_backbone_tensors(tester, arch):
-    """OPT runs its MLP on tokens flattened over the batch, MPNet's blocks are plain modules (no
-    `GradientCheckpointingLayer`): both are captured and pooled like the others."""
-    model = tester.model(arch, num_labels=2, poolings=["mean"])
-    inputs = tester.inputs()
+def assert_captures_match_the_backbone(model, inputs):
+    """The pooled hidden and MLP means of layer 1 equal the backbone's own tensors, averaged over real tokens."""
     mlp_inputs = []
     handle = model.layer_map.down_projections[1].register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
     with torch.no_grad():
@@ -309,11 +305,58 @@ def test_captured_features_match_the_backbone_tensors(tester, arch):
     handle.remove()
     mask = inputs["attention_mask"].bool()
     names = model.feature_names()
-    mlp = mlp_inputs[0].reshape(*mask.shape, -1)
+    mlp = mlp_inputs[0].reshape(mask.shape[0], -1, mlp_inputs[0].shape[-1])[:, : mask.shape[1]]
     for source, states in (("hidden", hidden[2]), ("mlp", mlp)):
         columns = [i for i, n in enumerate(names) if n[:3] == (source, "mean", 1)]
         expected = torch.stack([states[row][mask[row]].mean(0) for row in range(mask.shape[0])])
         torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["opt", "mpnet"])
+def test_captured_features_match_the_backbone_tensors(tester, arch):
+    """OPT runs its MLP on tokens flattened over the batch, MPNet's blocks are plain modules (no
+    `GradientCheckpointingLayer`): both are captured and pooled like the others."""
+    assert_captures_match_the_backbone(tester.model(arch, num_labels=2, poolings=["mean"]), tester.inputs())
+
+
+UNUSUAL_BACKBONES = {
+    "yoso": {},  # its default position ids start at 2, not 0
+    "fnet": {},  # no attention mask: padding reaches real tokens, so positions must be the backbone's own
+    "longformer": {"attention_window": [4] * 3},  # pads the 7 tokens to 8 inside, and drops them at the end
+    "big_bird": {"attention_type": "block_sparse", "block_size": 2, "num_random_blocks": 1},  # pads to blocks
+}
+
+
+@pytest.mark.parametrize("model_type", UNUSUAL_BACKBONES)
+def test_captured_features_match_unusual_backbones(tester, model_type):
+    config = AutoConfig.for_model(model_type, vocab_size=99, hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, intermediate_size=37, pad_token_id=0,
+                                  max_position_embeddings=64, **UNUSUAL_BACKBONES[model_type])
+    torch.manual_seed(0)
+    model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), poolings=["mean"])).eval()
+    assert_captures_match_the_backbone(model, tester.inputs())
+
+
+def test_backbones_with_other_layouts_are_refused(tester):
+    """Sequence-first states (XLNet), blocks called around their hooks (SqueezeBERT) and layers that are not one
+    stack (CANINE) get an error that says so, never features pooled over the wrong axis."""
+    from transformers import CanineConfig, SqueezeBertConfig, XLNetConfig
+
+    xlnet = XLNetConfig(vocab_size=99, d_model=32, n_layer=3, n_head=4, d_inner=37, pad_token_id=0)
+    squeeze = SqueezeBertConfig(vocab_size=99, hidden_size=32, embedding_size=32, num_hidden_layers=3,
+                                num_attention_heads=4, intermediate_size=37, pad_token_id=0, q_groups=1, k_groups=1,
+                                v_groups=1, post_attention_groups=1, intermediate_groups=1, output_groups=1)
+    for config, match in ((xlnet, r"shape \(7, 3, 32\) for a batch of 3 texts of 7 tokens.*not supported"),
+                          (squeeze, r"without calling the hooks of its blocks.*not supported")):
+        model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"])).eval()
+        with pytest.raises(ValueError, match=match):
+            model(**tester.inputs())
+    with pytest.raises(ValueError, match="no single dense MLP"):  # its MLP is a 1-D convolution
+        STCForSequenceClassification(STCConfig(text_config=squeeze.to_dict()))
+    canine = CanineConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                          num_hash_buckets=64, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="not one stack of blocks"):
+        STCForSequenceClassification(STCConfig(text_config=canine.to_dict()))
 
 
 def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, tmp_path):
