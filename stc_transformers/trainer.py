@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 from tqdm.auto import tqdm
 
 from .extraction import check_texts, distributed_state, extract_features
@@ -208,6 +209,11 @@ def _columns(dataset, args, need_labels=True):
         return check_texts(texts), (list(labels) if labels is not None else None), None
     if isinstance(dataset, list):
         return check_texts(dataset), None, None
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        raise ValueError(f"Got a DatasetDict with splits {list(dataset)}: pass one split, e.g. `data['train']`.")
+    if isinstance(dataset, IterableDataset) and dataset.column_names is None:  # no features: read the rows once
+        rows = list(dataset)
+        dataset = {name: [row.get(name) for row in rows] for name in (rows[0] if rows else {})}
     names = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
     for option in ("text_column", "text_pair_column"):
         column = getattr(args, option)

@@ -173,6 +173,41 @@ def test_lists_of_texts_and_string_labels_with_internal_split(tmp_path):
     assert trainer.model.config.fit_summary["num_validation"] == 18  # 15% of each class, rounded
 
 
+@pytest.mark.parametrize("kind", ["pandas", "dict", "iterable", "iterable_without_features"])
+def test_other_containers_give_the_same_fit(tmp_path, kind):
+    """A pandas DataFrame, a dict of lists, and streaming `IterableDataset`s (with or without known features) fit
+    exactly as the `Dataset` of the same rows."""
+    import pandas as pd
+    from datasets import IterableDataset
+
+    texts, labels = synthetic_texts(120, 2, seed=3)
+    rows = {"text": texts, "label": labels}
+    containers = {
+        "pandas": lambda: pd.DataFrame(rows),
+        "dict": lambda: rows,
+        "iterable": lambda: Dataset.from_dict(rows).to_iterable_dataset(),
+        "iterable_without_features": lambda: IterableDataset.from_generator(
+            lambda: ({"text": t, "label": y} for t, y in zip(texts, labels))),
+    }
+    fits = []
+    for name, data in (("dataset", Dataset.from_dict(rows)), (kind, containers[kind]())):
+        trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / name), train_dataset=data,
+                             processing_class=make_tiny_tokenizer())
+        trainer.train()
+        fits.append((trainer.model.config.selection, trainer.predict(texts[:20]).predictions))
+    assert fits[0][0] == fits[1][0]
+    np.testing.assert_array_equal(fits[0][1], fits[1][1])
+
+
+def test_a_dataset_dict_asks_for_one_split(tmp_path):
+    from datasets import DatasetDict
+
+    data = DatasetDict({"train": Dataset.from_dict({"text": ["w1", "w2"], "label": [0, 1]})})
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\]: pass one split"):
+        STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=data,
+                   processing_class=make_tiny_tokenizer()).train()
+
+
 def test_same_seed_same_selection_and_predictions(tmp_path):
     runs = []
     for i in range(2):
