@@ -122,6 +122,8 @@ class LabelEncoder:
         names_given = names is not None
         if isinstance(first, str):
             names = sorted(set(labels))
+        elif isinstance(first, (bool, np.bool_)) and names is None:
+            names = ["False", "True"]
         elif names is None:
             top = max(int(x) for x in labels)
             names = [f"LABEL_{i}" for i in range(top + 1)]
@@ -184,7 +186,12 @@ class LabelEncoder:
                 raise ValueError(f"Unknown label {label!r}: the training labels are {self.names}.")
             return self.names.index(label)
         index = int(label)
-        if not 0 <= index < self.num_labels:
+        if index < 0:
+            raise ValueError(
+                f"Label id {index} is negative: class ids count from 0. Rows labelled {index} are usually unlabelled "
+                "(as in GLUE test splits): drop them, e.g. `dataset.filter(lambda row: row['label'] >= 0)`."
+            )
+        if index >= self.num_labels:
             raise ValueError(
                 f"Label id {index} is outside 0..{self.num_labels - 1} ({self.names}); validation/test classes "
                 "must also occur in the training data."

@@ -330,6 +330,24 @@ def test_integer_labels_with_gaps_point_to_class_encoding(tmp_path):
     assert trainer.model.config.id2label == {0: "1", 1: "5"}
 
 
+def test_boolean_labels_are_named(tmp_path):
+    texts, labels = synthetic_texts(60, 2)
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=(texts, [bool(y) for y in labels]), processing_class=make_tiny_tokenizer())
+    trainer.train()
+    assert trainer.model.config.id2label == {0: "False", 1: "True"}
+
+
+def test_negative_label_ids_point_to_unlabelled_rows(tmp_path):
+    texts, labels = synthetic_texts(60, 2)
+    with pytest.raises(ValueError, match=r"Label id -1 is negative.*unlabelled.*dataset.filter"):
+        trainer_for(tmp_path, texts, [y - 1 for y in labels]).train()
+    trainer = trainer_for(tmp_path / "fit", texts, labels)
+    trainer.train()
+    with pytest.raises(ValueError, match=r"Label id -1 is negative"):  # a test split without labels (GLUE style)
+        trainer.evaluate(Dataset.from_dict({"text": texts[:4], "label": [-1] * 4}))
+
+
 @pytest.mark.parametrize("bad,match", [("", "Text 2 is empty"), ("   ", "Text 2 is empty"), (None, "Text 2 is a NoneType")])
 def test_empty_or_non_string_texts(tmp_path, bad, match):
     texts = ["w1 w2", "w3", bad, "w4"]
