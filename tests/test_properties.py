@@ -66,8 +66,9 @@ def test_pool_matches_numpy_reference(spans, case):
             assert all(torch.equal(values[row], torch.zeros_like(values[row])) for values in pooled.values())
         else:
             real = states[row][mask[row].bool()]
-            assert (pooled["max"][row] >= pooled["mean"][row] - 1e-3).all()
-            assert (pooled["mean"][row] >= real.amin(0) - 1e-3).all()
+            slack = 1e-3 + 1e-5 * real.abs().amax(0)  # a float32 mean of values near 1e4 is off by ~1e-3
+            assert (pooled["max"][row] >= pooled["mean"][row] - slack).all()
+            assert (pooled["mean"][row] >= real.amin(0) - slack).all()
             assert torch.equal(pooled["first"][row], real[0]) and torch.equal(pooled["last"][row], real[-1])
 
 
