@@ -308,8 +308,8 @@ class STCTrainer:
         texts, labels, feature = _columns(self.train_dataset, args)
         if isinstance(texts[0], tuple) and self.tokenizer.num_special_tokens_to_add(pair=True) == 0:
             warnings.warn(
-                f"{type(self.tokenizer).__name__} has no template for text pairs (as most decoder LLMs): it joins the "
-                "two texts with nothing between them. Join them yourself into one text with a separator (e.g. "
+                "The tokenizer has no template for text pairs (as most decoder LLMs): it joins the two texts with "
+                "nothing between them. Join them yourself into one text with a separator (e.g. "
                 "'Premise: ...\nHypothesis: ...') to keep them apart.", stacklevel=2)
         self.encoder = LabelEncoder.fit(labels, feature, self.model.config.problem_type
                                         if self.model.config.problem_type and self.model.config.selection else None)
