@@ -240,6 +240,16 @@ def _columns(dataset, args, need_labels=True):
     return check_texts(texts), labels, feature
 
 
+def _same_kind(texts: list, other: list, name: str, other_name: str):
+    """Text pairs and single texts give different features: a model reads the kind it was fitted on."""
+    if isinstance(texts[0], tuple) != isinstance(other[0], tuple):
+        kinds = ["(text, text_pair) pairs" if isinstance(t[0], tuple) else "single texts" for t in (texts, other)]
+        raise ValueError(
+            f"The {name} data are {kinds[0]} but the {other_name} data are {kinds[1]}: give both the same kind "
+            "(set `text_pair_column=` for pairs)."
+        )
+
+
 def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool):
     """Seeded (stratified for classification) train/validation split of row ids."""
     rng = np.random.default_rng(seed)
@@ -316,6 +326,7 @@ class STCTrainer:
         y = self.encoder.encode(labels)
         if self.eval_dataset is not None:
             val_texts, val_labels, _ = _columns(self.eval_dataset, args)
+            _same_kind(texts, val_texts, "training", "validation")
             y_val = self.encoder.encode(val_labels)
             validation = "given"
         else:
@@ -411,6 +422,9 @@ class STCTrainer:
         """Logits for a dataset (or list of texts); metrics when it has labels."""
         self._require_fitted()
         texts, labels, _ = _columns(dataset, self.args, need_labels=False)
+        if "text_pairs" in (self.model.config.fit_summary or {}):
+            fitted_on = [("", "")] if self.model.config.fit_summary["text_pairs"] else [""]
+            _same_kind(fitted_on, texts, "training", "given")
         logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.token_limit(self.model),
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None

@@ -256,9 +256,8 @@ def test_sentence_pairs(tmp_path):
     explained = explain(trainer.model, trainer.tokenizer, pairs[:2] + [{"text": pairs[2][0], "text_pair": pairs[2][1]}])
     assert [e.text for e in explained] == pairs[:3]
     np.testing.assert_allclose([e.logits for e in explained], predictions[:3], atol=1e-5)
-    # the same texts read one at a time are other inputs: their features are not the pairs' features
-    single = trainer.predict(list(split["test"]["premise"])).predictions
-    assert not np.allclose(single, predictions, atol=1e-3)
+    with pytest.raises(ValueError, match="training data are \\(text, text_pair\\) pairs but the given data are single"):
+        trainer.predict(list(split["test"]["premise"]))
     # without a pair template (most decoder LLMs) the two texts are glued together: the fit says so
     untemplated = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "untemplated"),
                              train_dataset=(pairs[:40], split["test"]["label"][:40]), processing_class=make_tiny_tokenizer())
@@ -277,6 +276,15 @@ def test_bad_text_pairs(tmp_path, texts, match):
     trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
                          train_dataset=(texts, [0, 1][: len(texts)]), processing_class=make_tiny_tokenizer())
     with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+@pytest.mark.filterwarnings("ignore:The tokenizer has no template")
+def test_pairs_and_single_texts_are_not_mixed(tmp_path):
+    pairs = [("w1 w2", "w3"), ("w4", "w5 w6")] * 10
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=(pairs, [0, 1] * 10),
+                         eval_dataset=(["w1", "w4"], [0, 1]), processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match="training data are \\(text, text_pair\\) pairs but the validation data"):
         trainer.train()
 
 
