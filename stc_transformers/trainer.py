@@ -275,7 +275,11 @@ def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool)
 
 def predict_logits(model, tokenizer, texts, *, max_length=256, batch_size=32, progress=True) -> np.ndarray:
     """Run the (fitted) model over texts in length-sorted batches; logits in the input order."""
-    batches = LengthSortedBatches(tokenizer, check_texts(texts), max_length=max_length, batch_size=batch_size)
+    texts = check_texts(texts)
+    summary = getattr(model.config, "fit_summary", None) or {}
+    if "text_pairs" in summary:  # fitted by STCTrainer: it reads the kind of input it was fitted on
+        _same_kind([("", "")] if summary["text_pairs"] else [""], texts, "training", "given")
+    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     out = np.zeros((len(batches.lengths), model.config.num_labels), dtype=np.float32)
     model.eval()
     for number in tqdm(range(len(batches)), desc="Predicting", disable=not progress, unit="batch"):
@@ -422,9 +426,6 @@ class STCTrainer:
         """Logits for a dataset (or list of texts); metrics when it has labels."""
         self._require_fitted()
         texts, labels, _ = _columns(dataset, self.args, need_labels=False)
-        if "text_pairs" in (self.model.config.fit_summary or {}):
-            fitted_on = [("", "")] if self.model.config.fit_summary["text_pairs"] else [""]
-            _same_kind(fitted_on, texts, "training", "given")
         logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.token_limit(self.model),
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None

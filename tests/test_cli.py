@@ -283,6 +283,8 @@ def test_sentence_pairs_fit_evaluate_predict(backbone, capsys, tmp_path):
     code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", test, *columns)
     assert code == 0, err
     assert json.loads(out)["metrics"]["accuracy"] == pytest.approx(metrics["test_metrics"]["test_accuracy"])
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", test, *columns[:2])
+    assert code == 2 and "training data are (text, text_pair) pairs but the given data are single texts" in err
 
     pairs = [{"text": r["premise"], "text_pair": r["hypothesis"]} for r in rows[150:155]]
     expected = pipeline("text-classification", model=str(tmp_path / "out"))(pairs)
