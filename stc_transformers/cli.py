@@ -748,8 +748,11 @@ def _read_json(path):
 def cmd_predict(args) -> int:
     from transformers import pipeline
 
+    from .trainer import check_input_kind
+
     texts = _predict_inputs(args)
     model, tokenizer = load_stc(args.model, device=args.device)
+    check_input_kind(model, texts)
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=model.device)
     call = {"batch_size": args.batch_size}
     if not model.config.long_input_chunks:  # chunked models read long texts whole

@@ -250,6 +250,14 @@ def _same_kind(texts: list, other: list, name: str, other_name: str):
         )
 
 
+def check_input_kind(model, texts: list) -> list:
+    """Checked texts: a model fitted by `STCTrainer` reads the kind of input it was fitted on (pairs or not)."""
+    summary = getattr(model.config, "fit_summary", None) or {}
+    if "text_pairs" in summary:
+        _same_kind([("", "")] if summary["text_pairs"] else [""], texts, "training", "given")
+    return texts
+
+
 def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool):
     """Seeded (stratified for classification) train/validation split of row ids."""
     rng = np.random.default_rng(seed)
@@ -275,10 +283,7 @@ def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool)
 
 def predict_logits(model, tokenizer, texts, *, max_length=256, batch_size=32, progress=True) -> np.ndarray:
     """Run the (fitted) model over texts in length-sorted batches; logits in the input order."""
-    texts = check_texts(texts)
-    summary = getattr(model.config, "fit_summary", None) or {}
-    if "text_pairs" in summary:  # fitted by STCTrainer: it reads the kind of input it was fitted on
-        _same_kind([("", "")] if summary["text_pairs"] else [""], texts, "training", "given")
+    texts = check_input_kind(model, check_texts(texts))
     batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     out = np.zeros((len(batches.lengths), model.config.num_labels), dtype=np.float32)
     model.eval()

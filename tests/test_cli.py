@@ -301,6 +301,8 @@ def test_sentence_pairs_fit_evaluate_predict(backbone, capsys, tmp_path):
         lines = list(csv.DictReader(handle))
     assert len(lines) == 50 and [line["label"] for line in lines[:5]] == [e["label"] for e in expected]
     assert lines[0]["text_pair"] == rows[150]["hypothesis"]
+    code, _, err = run(capsys, "predict", "--model", tmp_path / "out", "--text", "w1")
+    assert code == 2 and "pairs but the given data are single texts" in err
     code, _, err = run(capsys, "predict", "--model", tmp_path / "out", "--text", "w1", "--text", "w2",
                        "--text-pair", "w3")
     assert code == 2 and "Got 2 --text but 1 --text-pair" in err
