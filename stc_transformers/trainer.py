@@ -49,6 +49,8 @@ class STCTrainingArguments:
     families: str = SearchSettings.families
     finalists: int = SearchSettings.finalists
     early_exit_tolerance: float = SearchSettings.early_exit_tolerance
+    cv_folds: int = SearchSettings.cv_folds
+    cv_below: int = SearchSettings.cv_below
     seed: int = 42
     device: str | None = None
     progress: bool = True
@@ -62,7 +64,8 @@ class STCTrainingArguments:
             etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
             final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
             max_iter=self.max_iter, tol=self.tol, families=self.families, finalists=self.finalists,
-            early_exit_tolerance=self.early_exit_tolerance, device=device,
+            early_exit_tolerance=self.early_exit_tolerance, cv_folds=self.cv_folds, cv_below=self.cv_below,
+            device=device,
             seed=self.seed, progress=self.progress,
         )
 
@@ -366,8 +369,11 @@ class STCTrainer:
         self.model.set_selection(result.selection, result.weight, result.bias, result.mean, result.scale)
         seconds = {"extraction": round(extraction_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}
         seconds["total"] = round(time.perf_counter() - started, 2)
+        if result.cross_validation_folds:
+            validation += f" + {result.cross_validation_folds}-fold cross-validation"
         metric = METRIC_NAMES[self.encoder.task]
-        chosen = {**result.best.as_dict(), "validation_score": round(
+        cross_validated = {"cross_validated_score": round(result.best.score, 6)} if result.cross_validation_folds else {}
+        chosen = {**result.best.as_dict(), **cross_validated, "validation_score": round(
             float(compute_metrics(result.validation_outputs.numpy(), y_val.numpy(), self.encoder.task)[metric]), 6)}
         candidates = [c.as_dict() for c in result.candidates]
         self.model.config.fit_summary = {

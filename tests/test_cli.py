@@ -144,7 +144,7 @@ def test_fit_saves_checkpoint_card_and_metrics(fitted, data):
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["task"] == "single_label_classification" and metrics["metric"] == "accuracy"
     assert metrics["num_train"] == 160 and metrics["num_validation"] == 50 and metrics["num_test"] == 50
-    assert metrics["validation"] == "given" and metrics["validation_score"] > 0.7
+    assert metrics["validation"] == "given + 5-fold cross-validation" and metrics["validation_score"] > 0.7
     assert set(metrics["test_metrics"]) == {"test_accuracy", "test_macro_f1"}
     assert 0 <= metrics["exit_layer"] < metrics["num_layers"] == 3 and metrics["num_features"] > 0
     assert {"extraction", "total", "test", "command"} <= set(metrics["seconds"])
@@ -236,7 +236,7 @@ def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sampl
                          "--max-train-samples", "100", "--sources", "hidden", "--poolings", "mean", *FAST)
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["validation"] == "internal split" and metrics["num_train"] + metrics["num_validation"] == 100
+    assert metrics["validation"] == "internal split + 5-fold cross-validation" and metrics["num_train"] + metrics["num_validation"] == 100
     assert metrics["test_metrics"] is None and "No test split" in out
     assert metrics["chosen"]["sources"] == ["hidden"] and metrics["chosen"]["poolings"] == ["mean"]
     code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", "sample",

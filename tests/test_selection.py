@@ -96,6 +96,7 @@ def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path)
 def depth_search(task="single_label_classification", num_validation=200) -> SelectionSearch:
     search = SelectionSearch.__new__(SelectionSearch)  # only what `_choose_depth` reads
     search.settings, search.task, search.val_rows = SearchSettings(), task, np.arange(num_validation)
+    search.scored_rows = num_validation
     return search
 
 
@@ -179,3 +180,51 @@ def test_layer_probes_extend_the_grid_only_for_the_layers_at_the_weak_edge(tmp_p
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.95, 0.9]))
     torch.testing.assert_close(weight[1], fits[3].weight[0, 0])  # the extension's weight replaces layer 1's
     torch.testing.assert_close(weight[0], fits[2].weight[0, 0])
+
+
+def cv_search(tmp_path, y, num_validation, **settings) -> SelectionSearch:
+    cache, _ = make_cache(tmp_path)
+    validation = FeatureCache(tmp_path, {"num_texts": num_validation, "blocks": cache.meta["blocks"]})
+    return SelectionSearch(cache, validation, y, y[:num_validation], "single_label_classification", 3,
+                           SearchSettings(progress=False, **settings))
+
+
+def test_small_validation_sets_add_stratified_cross_validation_folds(tmp_path):
+    y = np.repeat([0, 1, 2], [150, 100, 50])
+    search = cv_search(tmp_path, y, num_validation=40)
+    folds = search._cross_validation_folds()
+    assert len(folds) == 5
+    held_out = np.concatenate([fold.val_rows for fold in folds])
+    np.testing.assert_array_equal(np.sort(held_out), np.arange(300))  # every sample row is held out exactly once
+    for fold in folds:
+        assert not set(fold.sample) & set(fold.val_rows) and len(fold.sample) + len(fold.val_rows) == 300
+        np.testing.assert_array_equal(np.bincount(fold.y_validation.numpy()), [30, 20, 10])  # stratified
+        np.testing.assert_array_equal(fold.y_validation.numpy(), y[fold.val_rows])
+    # large validation sets, `cv_folds=0` or too few rows for the folds: the validation set alone
+    assert cv_search(tmp_path, y, num_validation=40, cv_below=40)._cross_validation_folds() == []
+    assert cv_search(tmp_path, y, num_validation=40, cv_folds=0)._cross_validation_folds() == []
+    assert cv_search(tmp_path, y, num_validation=40, search_samples=9)._cross_validation_folds() == []
+
+
+def test_fold_columns_are_the_search_sample_rows(tmp_path):
+    y = np.arange(300) % 3
+    search = cv_search(tmp_path, y, num_validation=40)
+    stats = block_statistics(search.train, 128)
+    fold = search._cross_validation_folds()[2]
+    block = ("mlp", "max")
+    full = block_rows(search.train, stats, block, np.arange(300))
+    torch.testing.assert_close(fold._block(stats, block, validation=True), full[:, fold.val_rows])
+    torch.testing.assert_close(fold._block(stats, block, validation=False), full[:, fold.sample])
+    torch.testing.assert_close(fold._columns(block, 1, np.array([0, 3]), True), full[1][fold.val_rows][:, [0, 3]])
+
+
+def test_pooled_candidates_average_scores_weighted_by_validation_rows(tmp_path):
+    search = cv_search(tmp_path, np.arange(300) % 3, num_validation=40)
+    fold = search._cross_validation_folds()[0]  # 60 held-out rows
+    a, b = candidate(range(3), 0.9, loss=0.2), candidate(range(2), 0.8, loss=0.4)
+    fold_a = candidate(range(3), 0.5, loss=0.6)  # the fold could not form b
+    pooled = search._pool_candidates([[a, b], [fold_a]], [search, fold])
+    assert [c.layers for c in pooled] == [a.layers, b.layers]
+    assert pooled[0].score == pytest.approx((40 * 0.9 + 60 * 0.5) / 100)
+    assert pooled[0].loss == pytest.approx((40 * 0.2 + 60 * 0.6) / 100)
+    assert pooled[1].score == pytest.approx(0.8) and a.score == 0.9  # the inputs are not modified

@@ -77,7 +77,7 @@ def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
 
 
 def test_subsampled_search_refits_its_finalists_on_every_row(tmp_path):
-    trainer, _ = make_trainer(tmp_path, n=240, search_samples=60, finalists=2)
+    trainer, _ = make_trainer(tmp_path, n=240, search_samples=60, finalists=2, cv_folds=0)  # see the CV test
     result = trainer.train()
     finalists = [c for c in result.candidates if c["all_rows_validation_score"] is not None]
     assert len(finalists) == 2 and len({(tuple(c["sources"]), c["eta"]) for c in finalists}) == 2
@@ -138,7 +138,7 @@ def test_regression(tmp_path):
     result = trainer.train()
     assert trainer.model.config.problem_type == "regression" and trainer.model.config.num_labels == 1
     assert result.metric == "r2" and result.validation_score > 0.3
-    assert trainer.model.config.fit_summary["validation"] == "internal split"
+    assert trainer.model.config.fit_summary["validation"] == "internal split + 5-fold cross-validation"
 
 
 def test_tiny_training_sets_split_or_say_why_not(tmp_path):
@@ -458,3 +458,18 @@ def test_cache_depends_on_weights(tmp_path):
         model.backbone.embeddings.word_embeddings.weight.mul_(1.01)
     second = extract_features(model, tokenizer, ["w1 w2", "w3"], tmp_path, progress=False)
     assert first.path != second.path
+
+
+def test_small_validation_sets_are_joined_by_cross_validation(tmp_path):
+    """40 validation rows (< cv_below): every choice is made on them and 5 folds of the training sample together."""
+    trainer, _ = make_trainer(tmp_path)
+    result = trainer.train()
+    assert trainer.model.config.fit_summary["validation"] == "given + 5-fold cross-validation"
+    chosen = {k: result.chosen[k] for k in ("sources", "poolings", "eta", "exit_layer", "layers", "strength")}
+    same = [c for c in result.candidates if {k: c[k] for k in chosen} == chosen]
+    assert len(same) == 1 and same[0]["validation_score"] == result.chosen["cross_validated_score"]
+    assert result.validation_score == pytest.approx(trainer.evaluate()["eval_accuracy"], abs=1e-6)
+    plain, _ = make_trainer(tmp_path / "plain", cv_folds=0)
+    plain_result = plain.train()
+    assert "cross_validated_score" not in plain_result.chosen
+    assert plain.model.config.fit_summary["validation"] == "given"
