@@ -36,7 +36,7 @@ BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 SEARCH_DEFAULTS = {"etas": (0.5, 0.8, 0.9, 0.95, 0.99),
                    "strength_ratios": (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.003, 0.001),
                    "final_strengths": (0.01, 0.1, 1.0, 10.0), "search_samples": 3000, "max_iter": 100,
-                   "finalists": 3, "early_exit_tolerance": 0.002, "cv_folds": 5, "cv_below": 500}
+                   "finalists": 3, "early_exit_tolerance": 0.002, "cv_folds": 5, "cv_below": 200}
 SOURCES = ("hidden", "mlp")
 POOLINGS = ("mean", "max", "first", "last")
 
