@@ -94,14 +94,15 @@ def fit_stc(path, tokenizer, train, validation, out_dir, max_length):
     return trainer, time.perf_counter() - started
 
 
-def fit_setfit(path, train, steps: int, seed: int = 0):
-    """SetFit on the backbone folder: (model, fit seconds)."""
+def fit_setfit(path, train, steps: int, out_dir, seed: int = 0):
+    """SetFit on the backbone folder: (model, fit seconds). Its checkpoints go under `out_dir`, not the cwd."""
     from setfit import SetFitModel
     from setfit import Trainer as SetFitTrainer
     from setfit import TrainingArguments as SetFitArguments
 
     model = SetFitModel.from_pretrained(path)
-    arguments = SetFitArguments(batch_size=16, num_epochs=1, max_steps=steps, seed=seed, show_progress_bar=False)
+    arguments = SetFitArguments(output_dir=str(out_dir), batch_size=16, num_epochs=1, max_steps=steps, seed=seed,
+                                show_progress_bar=False)
     started = time.perf_counter()
     SetFitTrainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"])).train()
     return model, time.perf_counter() - started
@@ -147,7 +148,7 @@ def main(argv=None):
         if importlib.util.find_spec("setfit") is None:
             print("SetFit skipped: pip install setfit")
         else:
-            setfit, setfit_seconds = fit_setfit(path, train, args.setfit_steps)
+            setfit, setfit_seconds = fit_setfit(path, train, args.setfit_steps, out / "setfit")
             setfit_logits = np.asarray(setfit.predict_proba(list(test["text"])))
             results[f"SetFit ({args.setfit_steps} steps)"] = {
                 **compute_metrics(setfit_logits, y_test, "single_label_classification"), "fit_seconds": setfit_seconds}
