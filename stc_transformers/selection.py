@@ -301,7 +301,7 @@ class SelectionSearch:
             else np.arange(n)
         self.y_sample = self.y_train[self.sample]
         self.val_rows = np.arange(validation.num_texts)
-        self.scored_rows = len(self.val_rows)  # rows behind a validation score: with cross-validation, more
+        self.folds: list[_Fold] = []  # cross-validation folds scored with the validation rows (`run`)
         self.num_layers = train.meta["blocks"][0]["num_layers"]
         # standardised search sample and validation rows per block, kept from stage 1 (size bounded by
         # `search_samples` and the validation set, not by the training set)
@@ -335,25 +335,25 @@ class SelectionSearch:
 
     # -- stage 1 -----------------------------------------------------------------------------------------------------
 
-    def layer_probes(self, stats, folds: list["SelectionSearch"] = ()) -> dict:
+    def layer_probes(self, stats) -> dict:
         """Best L1 probe per block and layer: weights [layers, dim, C] and validation scores [layers].
 
-        With cross-validation `folds`, the strength of each layer is chosen on the validation scores of this search
-        and of the folds together (weighted by their validation rows), and every fold keeps its probes at that
-        strength (`fold.probes`). The scores returned are this search's own, on its validation rows.
+        With cross-validation folds, the strength of each layer is chosen on the validation scores of this search
+        and of the folds together (`_pooled`), and every fold keeps its probes at that strength (`fold.probes`).
+        The scores returned are this search's own, on its validation rows.
         """
-        searches = [self, *folds]
+        searches = self.searches
         ratios = torch.tensor(self.settings.strength_ratios)
         bar = self._bar(len(self.train.blocks), "Layer probes")
         for block in self.train.blocks:
             grids = [search._probe_grid(stats, block, ratios) for search in searches]
-            scores = self._pooled([grid["scores"] for grid in grids], searches)
+            scores = self._pooled([grid["scores"] for grid in grids])
             # extend the grid towards weaker penalties for the layers whose best strength sits at the weak edge
             edge = torch.nonzero(scores.argmax(1) == scores.shape[1] - 1).flatten()
             if edge.numel():
                 for search, grid in zip(searches, grids):
                     search._extend_grid(grid, edge)
-                scores = self._pooled([grid["scores"] for grid in grids], searches)
+                scores = self._pooled([grid["scores"] for grid in grids])
             best, layers = scores.argmax(1), torch.arange(scores.shape[0])
             for search, grid in zip(searches, grids):  # each keeps its own validation scores at the chosen strengths
                 search.probes[block] = (grid["weight"][layers, best], grid["scores"][layers, best])
@@ -395,14 +395,17 @@ class SelectionSearch:
         """Sample (or validation) rows of some neurons of one block and layer, standardised."""
         return (self.validation_blocks if validation else self.sample_blocks)[block][layer][:, neurons]
 
-    @staticmethod
-    def _pooled(scores: list[torch.Tensor], searches: list["SelectionSearch"]) -> torch.Tensor:
-        """Validation scores of several searches averaged with their validation rows as weights (-inf stays)."""
-        if len(scores) == 1:
-            return scores[0]
-        weights = [len(search.val_rows) for search in searches]
-        total = sum(w * score for w, score in zip(weights, scores))
-        return total / sum(weights)
+    @property
+    def searches(self) -> list["SelectionSearch"]:
+        """This search and its cross-validation folds, whose scores are pooled."""
+        return [self, *self.folds]
+
+    def _pooled(self, values: list) -> float | torch.Tensor:
+        """Scores (or losses) of `self.searches`, in that order, averaged with their validation rows as weights."""
+        if not self.folds:
+            return values[0]
+        weights = [len(search.val_rows) for search in self.searches]
+        return sum(w * value for w, value in zip(weights, values)) / sum(weights)
 
     # -- stages 2 and 3 ----------------------------------------------------------------------------------------------
 
@@ -470,10 +473,9 @@ class SelectionSearch:
         seconds = {}
         started = time.perf_counter()
         stats = block_statistics(self.train, self.settings.chunk_rows)
-        folds = self._cross_validation_folds()
-        searches = [self, *folds]
-        self.scored_rows = sum(len(search.val_rows) for search in searches)
-        probes = self.layer_probes(stats, folds)
+        self.folds = self._cross_validation_folds()
+        searches = self.searches
+        probes = self.layer_probes(stats)
         seconds["layer_probes"] = time.perf_counter() - started
         layer_scores = {f"{s}/{p}": probes[(s, p)][1].tolist() for s, p in self.train.blocks}
         base_block = self.train.blocks[0]
@@ -481,22 +483,21 @@ class SelectionSearch:
 
         families = _families(self.train.blocks, self.settings.families)
         bar = self._bar(len(searches) * len(families) * len(self.settings.etas), "Integration")
-        candidates = self._pool_candidates([search._all_layer_candidates(families, bar) for search in searches],
-                                           searches)
+        candidates = self._pool_candidates([search._all_layer_candidates(families, bar) for search in searches])
         bar.close()
         if not candidates:
             raise ValueError(
                 "No layer probe kept any neuron: the training labels give the probes nothing to fit (e.g. constant "
                 "regression targets, or too few examples). Check the labels or add examples."
             )
-        if folds:
+        if self.folds:
             best = self._tie_break(candidates, lambda c: c.score, lambda c: c.loss)
         else:
             best = self._final_round(candidates, probes, stats)
 
         # early exit and single layers for the best family and eta
         depth_candidates = self._pool_candidates([search._depth_candidates(best.blocks, best.eta)
-                                                  for search in searches], searches)
+                                                  for search in searches])
         candidates += [c for c in depth_candidates if c.layers != tuple(range(self.num_layers))]
         chosen = self._choose_depth(depth_candidates, best)
         seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
@@ -504,7 +505,7 @@ class SelectionSearch:
         result = self._package(chosen, *self._fit_all_rows(chosen, probes, stats))
         result.candidates = sorted(candidates, key=lambda c: -c.score)
         result.layer_scores, result.base_score = layer_scores, base_score
-        result.cross_validation_folds = len(folds)
+        result.cross_validation_folds = len(self.folds)
         seconds["refit"] = time.perf_counter() - started - seconds["layer_probes"] - seconds["integration"]
         result.seconds = seconds
         return result
@@ -541,24 +542,24 @@ class SelectionSearch:
         rng = np.random.default_rng(self.settings.seed + 1)
         fold_of = np.empty(len(self.sample), dtype=np.int64)
         if self.task == "single_label_classification":
-            start = 0  # classes continue the rotation, so the folds differ in size by one row at most
-            for value in np.unique(self.y_sample.numpy()):
-                rows = rng.permutation(np.flatnonzero(self.y_sample.numpy() == value))
+            y, start = self.y_sample.numpy(), 0  # classes continue the rotation: fold sizes differ by one at most
+            for value in np.unique(y):
+                rows = rng.permutation(np.flatnonzero(y == value))
                 fold_of[rows] = (start + np.arange(len(rows))) % k
                 start += len(rows)
         else:
             fold_of[rng.permutation(len(self.sample))] = np.arange(len(self.sample)) % k
         return [_Fold(self, np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
 
-    def _pool_candidates(self, lists: list[list[Candidate]], searches) -> list[Candidate]:
-        """This search's candidates with scores and losses averaged over the searches (weighted by validation rows);
-        a candidate that a fold could not form (no kept neuron there) counts on the others."""
-        if len(lists) == 1:
+    def _pool_candidates(self, lists: list[list[Candidate]]) -> list[Candidate]:
+        """This search's candidates (`lists[0]`) with scores and losses averaged over `self.searches` (weighted by
+        validation rows); a candidate that a fold could not form (no kept neuron there) counts on the others."""
+        if not self.folds:
             return lists[0]
         by_key = [{c.key: c for c in candidates} for candidates in lists]
         pooled = []
         for candidate in lists[0]:
-            found = [(len(search.val_rows), keyed[candidate.key]) for search, keyed in zip(searches, by_key)
+            found = [(len(search.val_rows), keyed[candidate.key]) for search, keyed in zip(self.searches, by_key)
                      if candidate.key in keyed]
             total = sum(weight for weight, _ in found)
             score = sum(weight * c.score for weight, c in found) / total
@@ -623,7 +624,8 @@ class SelectionSearch:
         micro-F1); 0 for regression."""
         if self.task == "regression":
             return 0.0
-        return math.sqrt(max(score * (1 - score), 0.0) / max(self.scored_rows, 1))
+        rows = sum(len(search.val_rows) for search in self.searches)  # with cross-validation, the held-out rows too
+        return math.sqrt(max(score * (1 - score), 0.0) / max(rows, 1))
 
     def _tie_break(self, candidates: list[Candidate], score, loss) -> Candidate:
         """The lowest validation loss among the candidates whose score is within the noise of the best one.
@@ -704,8 +706,7 @@ class _Fold(SelectionSearch):
         self.sample, self.val_rows = search.sample[train_positions], search.sample[validation_positions]
         self.y_sample = search.y_sample[self.positions[False]]
         self.y_validation = search.y_sample[self.positions[True]]
-        self.scored_rows = len(self.val_rows)
-        self.sample_blocks, self.validation_blocks = {}, {}
+        self.folds, self.sample_blocks, self.validation_blocks = [], {}, {}
         self._sample_fits, self._all_rows_fits, self.probes = {}, {}, {}
 
     def _block(self, stats, block, validation: bool) -> torch.Tensor:

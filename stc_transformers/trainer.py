@@ -243,10 +243,10 @@ def _columns(dataset, args, need_labels=True):
     return check_texts(texts), labels, feature
 
 
-def _same_kind(texts: list, other: list, name: str, other_name: str):
+def _same_kind(pairs: bool, other: list, name: str, other_name: str):
     """Text pairs and single texts give different features: a model reads the kind it was fitted on."""
-    if isinstance(texts[0], tuple) != isinstance(other[0], tuple):
-        kinds = ["(text, text_pair) pairs" if isinstance(t[0], tuple) else "single texts" for t in (texts, other)]
+    if pairs != isinstance(other[0], tuple):
+        kinds = ["(text, text_pair) pairs" if kind else "single texts" for kind in (pairs, not pairs)]
         raise ValueError(
             f"The {name} data are {kinds[0]} but the {other_name} data are {kinds[1]}: give both the same kind "
             "(set `text_pair_column=` for pairs)."
@@ -257,7 +257,7 @@ def check_input_kind(model, texts: list) -> list:
     """Checked texts: a model fitted by `STCTrainer` reads the kind of input it was fitted on (pairs or not)."""
     summary = getattr(model.config, "fit_summary", None) or {}
     if "text_pairs" in summary:
-        _same_kind([("", "")] if summary["text_pairs"] else [""], texts, "training", "given")
+        _same_kind(summary["text_pairs"], texts, "training", "given")
     return texts
 
 
@@ -328,7 +328,8 @@ class STCTrainer:
             raise ValueError("Pass `train_dataset=` to fit.")
         started = time.perf_counter()
         texts, labels, feature = _columns(self.train_dataset, args)
-        if isinstance(texts[0], tuple) and self.tokenizer.num_special_tokens_to_add(pair=True) == 0:
+        pairs = isinstance(texts[0], tuple)
+        if pairs and self.tokenizer.num_special_tokens_to_add(pair=True) == 0:
             warnings.warn(
                 "The tokenizer has no template for text pairs (as most decoder LLMs): it joins the two texts with "
                 "nothing between them. Join them yourself into one text with a separator (e.g. "
@@ -338,7 +339,7 @@ class STCTrainer:
         y = self.encoder.encode(labels)
         if self.eval_dataset is not None:
             val_texts, val_labels, _ = _columns(self.eval_dataset, args)
-            _same_kind(texts, val_texts, "training", "validation")
+            _same_kind(pairs, val_texts, "training", "validation")
             y_val = self.encoder.encode(val_labels)
             validation = "given"
         else:
@@ -383,7 +384,7 @@ class STCTrainer:
             "layer_scores": {k: [round(v, 6) for v in scores] for k, scores in result.layer_scores.items()},
             "base_score": round(result.base_score, 6),
             "candidates_top": candidates[:20],
-            "text_pairs": isinstance(texts[0], tuple),
+            "text_pairs": pairs,
             "num_train": len(texts),
             "num_validation": len(val_texts),
             "validation": validation,

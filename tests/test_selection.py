@@ -96,7 +96,7 @@ def test_feature_matrix_rows_come_back_standardised_in_the_order_asked(tmp_path)
 def depth_search(task="single_label_classification", num_validation=200) -> SelectionSearch:
     search = SelectionSearch.__new__(SelectionSearch)  # only what `_choose_depth` reads
     search.settings, search.task, search.val_rows = SearchSettings(), task, np.arange(num_validation)
-    search.scored_rows = num_validation
+    search.folds = []
     return search
 
 
@@ -223,7 +223,8 @@ def test_pooled_candidates_average_scores_weighted_by_validation_rows(tmp_path):
     fold = search._cross_validation_folds()[0]  # 60 held-out rows
     a, b = candidate(range(3), 0.9, loss=0.2), candidate(range(2), 0.8, loss=0.4)
     fold_a = candidate(range(3), 0.5, loss=0.6)  # the fold could not form b
-    pooled = search._pool_candidates([[a, b], [fold_a]], [search, fold])
+    search.folds = [fold]
+    pooled = search._pool_candidates([[a, b], [fold_a]])
     assert [c.layers for c in pooled] == [a.layers, b.layers]
     assert pooled[0].score == pytest.approx((40 * 0.9 + 60 * 0.5) / 100)
     assert pooled[0].loss == pytest.approx((40 * 0.2 + 60 * 0.6) / 100)
