@@ -2,10 +2,13 @@
 
 Each draw takes N training texts from the training split (seed s), fits STC with an internal validation split
 (`cv_folds=0`, then the default cross-validation), and scores both on the same test texts. Prints one line per
-fit and the mean test accuracy per size and variant.
+fit and the mean test accuracy per size and variant. `--validation-size V` gives every fit V texts of the
+validation split (drawn with the same seed) instead of the internal split: with a training set larger than the
+search sample, this is the case where cross-validation replaces the search's refits on all training rows.
 
     python benchmarks/bench_few_shot.py --model minilm --data rotten_tomatoes_offline --sizes 64 256 --seeds 5
     python benchmarks/bench_few_shot.py --sizes 1000 --seeds 3
+    python benchmarks/bench_few_shot.py --sizes 10200 --validation-size 150 --seeds 3
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--data", default="rotten_tomatoes_offline")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seeds", type=int, default=5, help="draws per size (seeds 0..N-1)")
+    parser.add_argument("--validation-size", type=int, default=None,
+                        help="validation texts drawn from the validation split (default: the fit's internal split)")
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--output-dir", default="outputs/bench_few_shot")
@@ -42,11 +47,14 @@ def main(argv=None):
     for size in args.sizes:
         for seed in range(args.seeds):
             train = data["train"].shuffle(seed=seed).select(range(size))
+            validation = None if args.validation_size is None else \
+                data["validation"].shuffle(seed=seed).select(range(args.validation_size))
             for variant, folds in (("without", 0), ("cross-validated", STCTrainingArguments.cv_folds)):
                 model = STCForSequenceClassification.from_backbone_pretrained(path)
                 fit_args = STCTrainingArguments(str(out_dir / variant), cache_dir=str(out_dir / "feature_cache"),
                                                 max_length=args.max_length, seed=seed, cv_folds=folds, progress=False)
-                trainer = STCTrainer(model, fit_args, train_dataset=train, processing_class=tokenizer)
+                trainer = STCTrainer(model, fit_args, train_dataset=train, eval_dataset=validation,
+                                     processing_class=tokenizer)
                 result = trainer.train()
                 search_seconds = result.seconds["total"] - result.seconds["extraction"]  # the cache is shared
                 accuracy = trainer.evaluate(test, metric_key_prefix="test")["test_accuracy"]
@@ -54,7 +62,8 @@ def main(argv=None):
                              "validation": result.chosen["validation_score"], "neurons": result.chosen["num_features"],
                              "exit_layer": result.chosen["exit_layer"], "search_seconds": round(search_seconds, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.model} on {args.data}, {len(test)} test texts")
+    validated_on = "internal split" if args.validation_size is None else f"{args.validation_size} validation texts"
+    print(f"\n{args.model} on {args.data}, {validated_on}, {len(test)} test texts")
     print(f"{'training texts':>14}  {'without':>8}  {'cross-validated':>15}  better  search s (without / with)")
     for size in args.sizes:
         pick = {v: [r for r in rows if r["size"] == size and r["variant"] == v] for v in ("without", "cross-validated")}
