@@ -107,12 +107,12 @@ def reference_prefix(settings, num_classes):
     return fit
 
 
-def compare(caches, ys, num_classes, block, seed, settings, samples):
-    """One probe-stage comparison on the search sample drawn with `seed`; returns its report."""
+def compare(caches, stats, ys, num_classes, block, seed, settings, samples):
+    """One probe-stage comparison on the search sample drawn with `seed` (`stats`: the training cache's
+    `block_statistics`); returns its report."""
     rng = np.random.default_rng(seed)
     n = caches[0].num_texts
     sample = np.sort(rng.choice(n, samples, replace=False)) if n > samples else np.arange(n)
-    stats = block_statistics(caches[0], settings.chunk_rows)
     X = block_rows(caches[0], stats, block, sample)
     Xv = block_rows(caches[1], stats, block, np.arange(caches[1].num_texts))
     Xt = block_rows(caches[2], stats, block, np.arange(caches[2].num_texts))
@@ -205,7 +205,8 @@ def main(argv=None):
     print(f"{args.model} on {args.data}", flush=True)
     warm = torch.randn(2, 64, 8)  # the first solve in a process pays torch's one-time set-up: keep it out of timings
     fit_linear_probes(warm, torch.arange(64) % 2, TASK, torch.tensor([0.1, 0.01]), max_iter=5)
-    reports = [compare(caches, ys, encoder.num_labels, tuple(block.split("/")), seed, settings, args.samples)
+    stats = block_statistics(caches[0], settings.chunk_rows)  # one pass over the training cache for all runs
+    reports = [compare(caches, stats, ys, encoder.num_labels, tuple(block.split("/")), seed, settings, args.samples)
                for block in args.blocks for seed in args.seeds]
     report = {"model": args.model, "data": args.data, "runs": reports, "summary": summarize(reports)}
     out = Path(args.cache_dir).parent / f"{args.model}-{args.data}.json"

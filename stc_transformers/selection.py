@@ -714,4 +714,4 @@ class _Fold(SelectionSearch):
         return self.search._block(stats, block, False).index_select(1, self.positions[validation])
 
     def _columns(self, block, layer: int, neurons: np.ndarray, validation: bool) -> torch.Tensor:
-        return self.search.sample_blocks[block][layer].index_select(0, self.positions[validation])[:, neurons]
+        return self.search._columns(block, layer, neurons, False).index_select(0, self.positions[validation])
