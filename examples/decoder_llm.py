@@ -58,7 +58,6 @@ def main():
     test_metrics = trainer.evaluate(test, metric_key_prefix="test")
     test_seconds = time.perf_counter() - tick
     summary = model.config.fit_summary
-    summary["test_metrics"] = test_metrics
     trainer.save_model(str(OUTPUT))
     shutil.rmtree(FEATURE_CACHE, ignore_errors=True)
 

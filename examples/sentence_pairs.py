@@ -79,7 +79,6 @@ def main():
     result = trainer.train()
     test_metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
     summary = model.config.fit_summary
-    summary["test_metrics"] = test_metrics
     summary["backbone"] = "sentence-transformers/all-MiniLM-L6-v2"
     trainer.save_model(str(OUTPUT))
     shutil.rmtree(FEATURE_CACHE, ignore_errors=True)

@@ -598,7 +598,6 @@ def cmd_fit(args) -> int:
         tick = time.perf_counter()
         test_metrics = trainer.evaluate(test, metric_key_prefix="test")
         test_seconds = round(time.perf_counter() - tick, 2)
-        summary["test_metrics"] = test_metrics  # the model card reports them
     trainer.save_model(str(output_dir))
     if args.cache_dir is None:
         shutil.rmtree(cache_dir, ignore_errors=True)

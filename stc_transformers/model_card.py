@@ -96,12 +96,16 @@ def _backbone(model, base_model) -> str | None:
 
 
 def _metric_rows(summary: dict, extra_metrics: dict | None) -> list[tuple[str, str, float]]:
-    """(split, metric, value): the chosen setting's validation score, the test metrics, the caller's extras."""
+    """(split, metric, value): the chosen setting's validation score, the caller's extras, the metrics
+    `STCTrainer.evaluate` recorded (`test_metrics` in checkpoints saved before it recorded them); the first of each
+    (split, metric) counts."""
     rows = []
     validation = (summary.get("chosen") or {}).get("validation_score")
     if validation is not None and summary.get("metric"):
         rows.append(("validation", summary["metric"], float(validation)))
-    return rows + _split_metrics(summary.get("test_metrics"), "test") + _split_metrics(extra_metrics, "test")
+    for metrics in (extra_metrics, summary.get("evaluation"), summary.get("test_metrics")):
+        rows += [row for row in _split_metrics(metrics, "test") if row[:2] not in {r[:2] for r in rows}]
+    return rows
 
 
 def _eval_results(metric_rows, dataset) -> list[EvalResult]:
@@ -204,8 +208,9 @@ def make_model_card(
 
     Args:
         dataset_name: the training dataset (defaults to `fit_summary["dataset"]`); a Hub id goes to `datasets:`.
-        extra_metrics: further `{name: value}` results (e.g. `trainer.evaluate(test_set)`); a `test_`, `eval_`
-            or `validation_` prefix picks the split, no prefix means test. They join the table and `model-index`.
+        extra_metrics: further `{name: value}` results; a `test_`, `eval_` or `validation_` prefix picks the split,
+            no prefix means test. They join the table and `model-index`, with the metrics `STCTrainer.evaluate`
+            recorded in `fit_summary["evaluation"]` (an extra of the same split and name replaces a recorded one).
         plot_path: the per-layer score plot, relative to the README (e.g. `"stc_layer_scores.png"`).
         repo_id: the Hub repository, for the title and the usage snippet.
         base_model: the backbone's Hub id, when `fit_summary["backbone"]` is a local path.

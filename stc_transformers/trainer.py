@@ -450,13 +450,25 @@ class STCTrainer:
         return PredictionOutput(logits, label_ids, metrics)
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Metrics on a labelled dataset (default: `eval_dataset`), keys prefixed with `metric_key_prefix`.
+
+        They are also recorded in `model.config.fit_summary["evaluation"]` (a later call with the same prefix
+        replaces them), so the saved config and the model card report them: `metric_key_prefix="test"` for a test
+        split.
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Pass a labelled dataset to evaluate (no `eval_dataset` was given).")
         metrics = self.predict(dataset).metrics
         if metrics is None:
             raise ValueError(f"The evaluation data has no {self.args.label_column!r} column.")
-        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        summary = self.model.config.fit_summary
+        if summary is not None:
+            recorded = {k: v for k, v in summary.get("evaluation", {}).items()
+                        if not k.startswith(f"{metric_key_prefix}_")}
+            summary["evaluation"] = {**recorded, **metrics}
+        return metrics
 
     def save_model(self, output_dir: str | None = None):
         """Save model and tokenizer so `pipeline("text-classification", model=output_dir)` works."""

@@ -91,7 +91,20 @@ def test_subsampled_search_refits_its_finalists_on_every_row(tmp_path):
 def test_saved_fit_works_in_pipeline(tmp_path):
     trainer, split = make_trainer(tmp_path)
     trainer.train()
+    # evaluate() records its metrics in the config (a later call with the same prefix replaces them): the saved
+    # config and the model card report them
+    first = trainer.evaluate(split["train"], metric_key_prefix="test")
+    assert trainer.model.config.fit_summary["evaluation"] == first
+    trainer.model.config.fit_summary["evaluation"]["test_stale"] = 0.5  # dropped by the next "test" call
+    test = trainer.evaluate(split["test"].select(range(20)), metric_key_prefix="test")
+    validation = trainer.evaluate()
+    assert trainer.model.config.fit_summary["evaluation"] == {**test, **validation}
     path = trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["fit_summary"]
+    assert saved["evaluation"] == pytest.approx({**test, **validation})
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert f"| test | Accuracy | {test['test_accuracy']:.4f} |" in card
+    assert card.count("| validation | Accuracy |") == 1  # the fit's own validation score, not repeated
     classifier = pipeline("text-classification", model=path)
     texts = split["test"]["text"][:8]
     labels = [d["label"] for d in classifier(texts)]
