@@ -64,15 +64,18 @@ def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     ]
     if not candidates:
         num_layers = getattr(backbone.config.get_text_config(), "num_hidden_layers", None)
+        containers = (nn.ModuleList, nn.ModuleDict)  # a list of lists is a stack of stages, not of blocks
         candidates = [
             (name, module) for name, module in modules
             if len(module) == num_layers and len({type(child) for child in module}) == 1
+            and not isinstance(module[0], containers)
         ]
     if not candidates:
         raise ValueError(
             f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
             "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
-            "blocks). Backbones that reuse one block for several layers (e.g. ALBERT) are not supported."
+            "blocks). Backbones that reuse one block for several layers (e.g. ALBERT) or group their layers into "
+            "stages (e.g. Funnel Transformer) are not supported."
         )
     # The outermost list is the stack of blocks (nested lists would be inside a block).
     return min(candidates, key=lambda item: item[0].count("."))

@@ -357,6 +357,15 @@ def test_backbones_with_other_layouts_are_refused(tester):
                           num_hash_buckets=64, max_position_embeddings=64)
     with pytest.raises(ValueError, match="not one stack of blocks"):
         STCForSequenceClassification(STCConfig(text_config=canine.to_dict()))
+    # ALBERT shares one block between its layers; Funnel groups layers into stages (a list of lists, with tokens
+    # pooled between stages), even when it has as many stages as layers
+    albert = AutoConfig.for_model("albert", vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, intermediate_size=37)
+    funnel = AutoConfig.for_model("funnel", vocab_size=99, d_model=32, n_head=4, d_head=8, d_inner=37,
+                                  block_sizes=[1, 1, 1], architectures=["FunnelModel"])
+    for config, name in ((albert, "ALBERT"), (funnel, "Funnel")):
+        with pytest.raises(ValueError, match=f"Cannot find the transformer blocks.*{name}"):
+            STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"]))
 
 
 def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, tmp_path):
