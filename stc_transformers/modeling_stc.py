@@ -257,6 +257,11 @@ def backbone_class(text_config: PreTrainedConfig):
     Judged by model type: the encoder-only classes set `is_encoder_decoder = False` on the config they are built from.
     """
     model_type = text_config.model_type
+    if not hasattr(text_config, "num_hidden_layers"):
+        raise ValueError(
+            f"The {model_type} config has no `num_hidden_layers`: its layers are described by sub-configs (as "
+            "T5Gemma's encoder and decoder). STC reads one stack of blocks of known depth; it is not supported."
+        )
     if model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES and model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForTextEncoding
     if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or getattr(text_config, "is_encoder_decoder", False):

@@ -385,6 +385,8 @@ def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, t
                       decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37)
     with pytest.raises(ValueError, match="encoder-decoder model without an encoder-only class"):
         STCForSequenceClassification(STCConfig(text_config=bart.to_dict()))
+    with pytest.raises(ValueError, match="t5gemma config has no `num_hidden_layers`.*not supported"):
+        STCForSequenceClassification(STCConfig(text_config=AutoConfig.for_model("t5gemma").to_dict()))
 
 
 def test_backbone_reusing_one_block_is_refused():
