@@ -33,6 +33,8 @@ SOURCES = ("hidden", "mlp")
 POOLINGS = ("mean", "max", "first", "last")
 _ATTENTION_NAME_PARTS = ("attn", "attention")
 _MOE_NAME_PARTS = ("expert", "moe", "router")
+# the usual names of an MLP's down-projection, for MLPs as wide as the hidden state (their shape does not tell)
+_DOWN_PROJECTION_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "output.dense", "lin2", "wo", "w2")
 
 
 def check_names(values, allowed, what: str) -> tuple[str, ...]:
@@ -108,14 +110,17 @@ def find_down_projection(layer: nn.Module, hidden_size: int) -> nn.Module:
             f"{type(layer).__name__} has no single dense MLP (a mixture-of-experts, state-space or convolutional "
             "block), so STC's `mlp` source cannot read it. Use `sources=['hidden']` for this backbone."
         )
-    found = []
+    found, square = [], []
     for name, module in layer.named_modules():
         shape = _linear_shape(module)
         if shape is None or any(part in name.lower() for part in _ATTENTION_NAME_PARTS):
             continue
         in_features, out_features = shape
-        if out_features == hidden_size and in_features != hidden_size:
-            found.append(name)
+        if out_features == hidden_size:
+            (square if in_features == hidden_size else found).append(name)
+    if not found:  # an MLP as wide as the hidden state: known by its name
+        found = [name for name in square
+                 if any(f".{name.lower()}".endswith(f".{known}") for known in _DOWN_PROJECTION_NAMES)]
     if len(found) != 1:
         raise ValueError(
             f"Cannot locate the MLP down-projection of {type(layer).__name__} (candidates: {found or 'none'}). "

@@ -295,18 +295,25 @@ def test_unknown_pooling_or_source_names(tester):
         tester.stc_config("bert", sources=["attention"])
 
 
-def assert_captures_match_the_backbone(model, inputs):
-    """The pooled hidden and MLP means of layer 1 equal the backbone's own tensors, averaged over real tokens."""
+def assert_captures_match_the_backbone(model, inputs, hidden_index: int = 2):
+    """The pooled hidden and MLP means of layer 1 equal the backbone's own tensors, averaged over real tokens.
+    `hidden_index`: layer 1's output in `hidden_states` (2, after the embeddings, in most models)."""
     mlp_inputs = []
-    handle = model.layer_map.down_projections[1].register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
+    with_mlp = "mlp" in model.config.sources
+    if with_mlp:
+        handle = model.layer_map.down_projections[1].register_forward_pre_hook(
+            lambda m, args: mlp_inputs.append(args[0]))
     with torch.no_grad():
         pooled = model.pooled_features(**inputs)
         hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
-    handle.remove()
+    if with_mlp:
+        handle.remove()
     mask = inputs["attention_mask"].bool()
     names = model.feature_names()
-    mlp = mlp_inputs[0].reshape(mask.shape[0], -1, mlp_inputs[0].shape[-1])[:, : mask.shape[1]]
-    for source, states in (("hidden", hidden[2]), ("mlp", mlp)):
+    sources = [("hidden", hidden[hidden_index])]
+    if with_mlp:
+        sources.append(("mlp", mlp_inputs[0].reshape(mask.shape[0], -1, mlp_inputs[0].shape[-1])[:, : mask.shape[1]]))
+    for source, states in sources:
         columns = [i for i, n in enumerate(names) if n[:3] == (source, "mean", 1)]
         expected = torch.stack([states[row][mask[row]].mean(0) for row in range(mask.shape[0])])
         torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
@@ -317,6 +324,18 @@ def test_captured_features_match_the_backbone_tensors(tester, arch):
     """OPT runs its MLP on tokens flattened over the batch, MPNet's blocks are plain modules (no
     `GradientCheckpointingLayer`): both are captured and pooled like the others."""
     assert_captures_match_the_backbone(tester.model(arch, num_labels=2, poolings=["mean"]), tester.inputs())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mlp_as_wide_as_the_hidden_state_is_found_by_name(arch):
+    """With intermediate_size == hidden_size the shapes cannot tell the down-projection from other square
+    matrices; its usual name does, and it is the module found when the sizes differ."""
+    def names(model):
+        modules = {module: name for name, module in model.backbone.named_modules()}
+        return [modules[projection] for projection in model.layer_map.down_projections]
+
+    wide = STCModelTester(intermediate=32).model(arch)
+    assert names(wide) == names(STCModelTester(intermediate=37).model(arch))
 
 
 UNUSUAL_BACKBONES = {
@@ -335,6 +354,44 @@ def test_captured_features_match_unusual_backbones(tester, model_type):
     torch.manual_seed(0)
     model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), poolings=["mean"])).eval()
     assert_captures_match_the_backbone(model, tester.inputs())
+
+
+_DECODER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=37, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+_MOE = dict(_DECODER, intermediate_size=32)  # the fused expert kernels need 16-byte aligned rows
+MORE_BACKBONES = {  # model type: (config arguments, sources)
+    "roberta": (dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                     pad_token_id=1, max_position_embeddings=64), ["hidden", "mlp"]),
+    "distilbert": (dict(dim=32, n_layers=3, n_heads=4, hidden_dim=37, pad_token_id=0), ["hidden", "mlp"]),
+    "electra": (dict(embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=37, pad_token_id=0), ["hidden", "mlp"]),
+    "gemma2": (dict(_DECODER, head_dim=8, layer_types=
+                    ["sliding_attention", "full_attention", "sliding_attention"]), ["hidden", "mlp"]),
+    "phi3": (_DECODER, ["hidden", "mlp"]),
+    "falcon": (dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, pad_token_id=0), ["hidden", "mlp"]),
+    "gpt_neox": (dict(_DECODER), ["hidden", "mlp"]),
+    "bloom": (dict(hidden_size=32, n_layer=3, n_head=4, pad_token_id=0), ["hidden", "mlp"]),
+    "gpt_bigcode": (dict(n_embd=32, n_layer=3, n_head=4, pad_token_id=0), ["hidden", "mlp"]),
+    "mixtral": (dict(_MOE, num_local_experts=4, num_experts_per_tok=2), ["hidden"]),  # MoE: hidden only
+    "qwen3_moe": (dict(_MOE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), ["hidden"]),
+    "mamba": (dict(hidden_size=32, num_hidden_layers=3, state_size=4, pad_token_id=0), ["hidden"]),  # state-space
+}
+
+
+@pytest.mark.parametrize("model_type", MORE_BACKBONES)
+def test_captured_features_match_more_backbones(tester, model_type):
+    """Encoders and decoders beyond the ones the other tests fit, and MoE / state-space blocks with the hidden
+    source: the hooks read the backbone's own layer outputs (and MLP neurons)."""
+    arguments, sources = MORE_BACKBONES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=99, **arguments)
+    torch.manual_seed(0)
+    model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), poolings=["mean"],
+                                                   sources=sources)).eval()
+    # Mamba's hidden_states start at the first layer's output, not at the embeddings
+    assert_captures_match_the_backbone(model, tester.inputs(), hidden_index=1 if model_type == "mamba" else 2)
+    if sources == ["hidden"]:
+        with pytest.raises(ValueError, match="no single dense MLP"):
+            STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
 
 
 def test_backbones_with_other_layouts_are_refused(tester):
