@@ -109,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default="outputs/bench")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--early-exit-tolerance", type=float, default=STCTrainingArguments.early_exit_tolerance,
+                        help="validation score the exit layer may give up for speed")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -119,6 +121,8 @@ def main(argv=None):
     validation = subsample(data["validation"], args.eval_limit, args.seed)
     test = subsample(data["test"], args.eval_limit, args.seed)
     run_name = f"{args.model}-{args.data}{'-' + args.task if args.task else ''}-{len(train)}"
+    if args.early_exit_tolerance != STCTrainingArguments.early_exit_tolerance:
+        run_name += f"-tolerance{args.early_exit_tolerance:g}"
     out_dir = Path(args.output_dir) / run_name
     tokenizer = AutoTokenizer.from_pretrained(path)
 
@@ -126,7 +130,8 @@ def main(argv=None):
     cache_dir = out_dir / "feature_cache"
     shutil.rmtree(cache_dir, ignore_errors=True)  # the fit is timed with its extraction, never from an old cache
     fit_args = STCTrainingArguments(str(out_dir), cache_dir=str(cache_dir), max_length=args.max_length,
-                                    batch_size=args.batch_size, seed=args.seed, progress=False)
+                                    batch_size=args.batch_size, seed=args.seed, progress=False,
+                                    early_exit_tolerance=args.early_exit_tolerance)
     trainer = STCTrainer(model, fit_args,
                          train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
                          dataset_name=args.data)
