@@ -103,8 +103,12 @@ def _metric_rows(summary: dict, extra_metrics: dict | None) -> list[tuple[str, s
     validation = (summary.get("chosen") or {}).get("validation_score")
     if validation is not None and summary.get("metric"):
         rows.append(("validation", summary["metric"], float(validation)))
+    seen = {row[:2] for row in rows}
     for metrics in (extra_metrics, summary.get("evaluation"), summary.get("test_metrics")):
-        rows += [row for row in _split_metrics(metrics, "test") if row[:2] not in {r[:2] for r in rows}]
+        for row in _split_metrics(metrics, "test"):
+            if row[:2] not in seen:
+                seen.add(row[:2])
+                rows.append(row)
     return rows
 
 

@@ -299,20 +299,17 @@ def assert_captures_match_the_backbone(model, inputs, hidden_index: int = 2):
     """The pooled hidden and MLP means of layer 1 equal the backbone's own tensors, averaged over real tokens.
     `hidden_index`: layer 1's output in `hidden_states` (2, after the embeddings, in most models)."""
     mlp_inputs = []
-    with_mlp = "mlp" in model.config.sources
-    if with_mlp:
-        handle = model.layer_map.down_projections[1].register_forward_pre_hook(
-            lambda m, args: mlp_inputs.append(args[0]))
+    handles = [projection.register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
+               for projection in model.layer_map.down_projections[1:2] if projection is not None]  # mlp source
     with torch.no_grad():
         pooled = model.pooled_features(**inputs)
         hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
-    if with_mlp:
+    for handle in handles:
         handle.remove()
     mask = inputs["attention_mask"].bool()
     names = model.feature_names()
     sources = [("hidden", hidden[hidden_index])]
-    if with_mlp:
-        sources.append(("mlp", mlp_inputs[0].reshape(mask.shape[0], -1, mlp_inputs[0].shape[-1])[:, : mask.shape[1]]))
+    sources += [("mlp", mlp.reshape(mask.shape[0], -1, mlp.shape[-1])[:, : mask.shape[1]]) for mlp in mlp_inputs[:1]]
     for source, states in sources:
         columns = [i for i, n in enumerate(names) if n[:3] == (source, "mean", 1)]
         expected = torch.stack([states[row][mask[row]].mean(0) for row in range(mask.shape[0])])
@@ -414,15 +411,6 @@ def test_backbones_with_other_layouts_are_refused(tester):
                           num_hash_buckets=64, max_position_embeddings=64)
     with pytest.raises(ValueError, match="not one stack of blocks"):
         STCForSequenceClassification(STCConfig(text_config=canine.to_dict()))
-    # ALBERT shares one block between its layers; Funnel groups layers into stages (a list of lists, with tokens
-    # pooled between stages), even when it has as many stages as layers
-    albert = AutoConfig.for_model("albert", vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                                  num_attention_heads=4, intermediate_size=37)
-    funnel = AutoConfig.for_model("funnel", vocab_size=99, d_model=32, n_head=4, d_head=8, d_inner=37,
-                                  block_sizes=[1, 1, 1], architectures=["FunnelModel"])
-    for config, name in ((albert, "ALBERT"), (funnel, "Funnel")):
-        with pytest.raises(ValueError, match=f"Cannot find the transformer blocks.*{name}"):
-            STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"]))
 
 
 def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, tmp_path):
@@ -446,13 +434,19 @@ def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, t
         STCForSequenceClassification(STCConfig(text_config=AutoConfig.for_model("t5gemma").to_dict()))
 
 
-def test_backbone_reusing_one_block_is_refused():
+def test_backbone_reusing_one_block_or_grouping_layers_into_stages_is_refused():
+    """ALBERT shares one block between its layers; Funnel groups layers into stages (a list of lists, with tokens
+    pooled between stages), even when it has as many stages as layers."""
     from transformers import AlbertConfig
 
     config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
                           num_attention_heads=4, intermediate_size=37)
     with pytest.raises(ValueError, match="reuse one block"):
         STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
+    funnel = AutoConfig.for_model("funnel", vocab_size=99, d_model=32, n_head=4, d_head=8, d_inner=37,
+                                  block_sizes=[1, 1, 1], architectures=["FunnelModel"])
+    with pytest.raises(ValueError, match="Cannot find the transformer blocks.*Funnel"):
+        STCForSequenceClassification(STCConfig(text_config=funnel.to_dict(), sources=["hidden"]))
 
 
 def test_moe_and_state_space_backbones_use_hidden_states_only():
