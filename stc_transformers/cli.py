@@ -646,22 +646,11 @@ def cmd_fit(args) -> int:
 
 def _labels_for_model(model, dataset):
     """The dataset's targets, encoded for the model's labels (class names are matched by name, not id)."""
-    from .trainer import LabelEncoder
+    from .trainer import LabelEncoder, _plain
 
-    config = model.config
-    task = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
-    labels = list(dataset["label"])
-    if any(label is None for label in labels):
-        raise CLIError("The label column holds missing values: drop or fill those rows.")
-    feature = dataset.features["label"]
-    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
-    if names:  # ids of this file's ClassLabel -> names, so that they map by name onto the model's labels
-        labels = [[names[i] for i in row] if isinstance(row, list) else names[row] for row in labels]
-    model_names = None if task == "regression" else [config.id2label[i] for i in range(config.num_labels)]
-    vectors = (task == "multi_label_classification" and not names
-               and all(isinstance(row, list) and len(row) == config.num_labels and set(row) <= {0, 1}
-                       for row in labels))
-    return LabelEncoder(task, model_names, config.num_labels, vectors).encode(labels).numpy(), task
+    labels = [_plain(label) for label in dataset["label"]]
+    encoder = LabelEncoder.for_model(model.config, labels)
+    return encoder.encode(labels, dataset.features["label"]).numpy(), encoder.task
 
 
 def cmd_evaluate(args) -> int:

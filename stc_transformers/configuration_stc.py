@@ -9,8 +9,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils import logging
 
 from .features_stc import POOLINGS, SOURCES, check_names
+
+
+logger = logging.get_logger(__name__)
 
 
 def is_causal_backbone(text_config: PreTrainedConfig) -> bool:
@@ -86,6 +90,17 @@ class STCConfig(PreTrainedConfig):
     chunk_overlap: int = 64
     fit_summary: dict | None = None
     initializer_range: float = 0.02
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "STCConfig":
+        """As transformers: `num_labels=` given when loading a checkpoint with another number of named labels
+        replaces those names by LABEL_0, LABEL_1, ... (a new head; see `ignore_mismatched_sizes`)."""
+        num_labels, id2label = kwargs.get("num_labels"), config_dict.get("id2label")
+        if num_labels is not None and id2label is not None and len(id2label) != num_labels:
+            logger.warning(f"`num_labels={num_labels}` replaces the checkpoint's {len(id2label)} labels "
+                           f"{list(id2label.values())} by LABEL_0..LABEL_{num_labels - 1}.")
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.id2label is not None and kwargs.get("num_labels") not in (None, len(self.id2label)):

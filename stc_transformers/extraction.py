@@ -64,9 +64,9 @@ def check_texts(texts) -> list:
             )
         for part in pair or (text,):
             if not isinstance(part, str):
-                raise ValueError(
-                    f"Text {i} is a {type(part).__name__}, not a string: {part!r:.80}. Clean the text column."
-                )
+                advice = ("Pairs hold two texts; give labelled rows as (texts, labels), two lists."
+                          if pair is not None else "Clean the text column.")
+                raise ValueError(f"Text {i} is a {type(part).__name__}, not a string: {part!r:.80}. {advice}")
             if not part.strip():
                 raise ValueError(
                     f"Text {i} is empty or only whitespace. Drop empty rows before fitting or predicting."

@@ -11,8 +11,9 @@ For layer ``l``:
 * ``mlp``: the MLP neuron vector, i.e. the input of the MLP down-projection (``act(up)`` for plain MLPs,
   ``act(gate) * up`` for gated ones), captured by a forward pre-hook on that projection.
 
-Both are pooled over real tokens in the block's forward hook, which runs outside activation checkpointing, so
-gradients flow through the captured tensors with the non-reentrant checkpoint (the transformers v5 default).
+With gradients both are pooled over real tokens in the block's forward hook, which runs outside activation
+checkpointing, so gradients flow through the captured tensors with the non-reentrant checkpoint (the transformers v5
+default). Without gradients MLP neurons are pooled at once in the pre-hook, while they are still in cache.
 
 Long inputs (``STCConfig.long_input_chunks``): `ChunkPlan` cuts each row's real tokens into overlapping windows the
 backbone can read, and combines the chunks' pooled features consistently with each pooling.
@@ -252,11 +253,13 @@ class _Capture:
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
         self.stash: dict[int, torch.Tensor] = {}
         self.pooled: dict[tuple[str, str, int], torch.Tensor] = {}
-        # Without gradients, when the last layer read gives only MLP neurons, the backbone stops at that layer's
-        # down-projection: its output and everything after it are never used.
+        # Without gradients, MLP neurons are pooled in the down-projection's pre-hook while they are still in the
+        # processor's cache (with gradients: in the block's hook, outside activation checkpointing), and when the
+        # last layer read gives only MLP neurons the backbone stops there: the rest is never used.
+        self.pool_early = not torch.is_grad_enabled()
         last = max(layer for _, layer in requests) if requests else None
         only_mlp = ("mlp", last) in requests and ("hidden", last) not in requests
-        self.stop_layer = last if only_mlp and not torch.is_grad_enabled() else None
+        self.stop_layer = last if only_mlp and self.pool_early else None
 
     def _pool_into(self, source, layer, states):
         batch, tokens = self.mask.shape
@@ -289,9 +292,11 @@ class _Capture:
 
     def mlp_pre_hook(self, layer):
         def hook(module, args, kwargs=None):
-            if layer == self.stop_layer:
+            if self.pool_early:
                 self._pool_into("mlp", layer, args[0])
-                raise _StopForward
+                if layer == self.stop_layer:
+                    raise _StopForward
+                return
             self.stash[layer] = args[0]
 
         return hook
@@ -301,7 +306,7 @@ class _Capture:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if ("hidden", layer) in self.requests:
                 self._pool_into("hidden", layer, hidden)
-            if ("mlp", layer) in self.requests:
+            if ("mlp", layer) in self.requests and not self.pool_early:
                 mlp = self.stash.pop(layer)
                 if torch.is_grad_enabled() and hidden.requires_grad and not mlp.requires_grad:
                     raise RuntimeError(

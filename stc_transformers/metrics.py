@@ -12,7 +12,7 @@ def _f1(tp, fp, fn):
 
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
     """accuracy + macro-F1 (single-label); micro/macro-F1 + subset accuracy (multi-label); MSE, MAE, R2,
-    Pearson r (regression)."""
+    Pearson r (regression; R2 is NaN for constant targets)."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if task == "single_label_classification":
         predictions = logits.argmax(-1)
@@ -37,7 +37,8 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[s
         labels = labels.reshape(len(labels), -1).astype(np.float64)
         residual = predictions - labels
         variance = np.square(labels - labels.mean(0)).sum(0)
-        r2 = 1 - np.square(residual).sum(0) / np.maximum(variance, 1e-12)
+        with np.errstate(divide="ignore", invalid="ignore"):  # constant targets (or one row): R^2 is undefined, NaN
+            r2 = np.where(variance > 0, 1 - np.square(residual).sum(0) / variance, np.nan)
         pearson = [np.corrcoef(predictions[:, i], labels[:, i])[0, 1] if labels[:, i].std() > 0 else 0.0
                    for i in range(labels.shape[1])]
         return {"mse": float(np.square(residual).mean()), "mae": float(np.abs(residual).mean()),

@@ -290,6 +290,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 "encoder only (`AutoModelForTextEncoding.from_pretrained(...)`)."
             )
         self.backbone = backbone
+        # activation checkpointing runs in the backbone's blocks: only where the backbone supports it (not MPNet)
+        self.supports_gradient_checkpointing = backbone.supports_gradient_checkpointing
         self._build_head_input()
         self.head = STCHead(self.selector.num_features, config.num_labels, config.standardize)
         self.post_init()
@@ -343,7 +345,13 @@ class STCForSequenceClassification(STCPreTrainedModel):
         `gguf_file`, `revision`).
         """
         loading = {key: backbone_kwargs[key] for key in _LOADING_KWARGS if key in backbone_kwargs}
-        model_class = backbone_class(AutoConfig.from_pretrained(pretrained_model_name_or_path, **loading))
+        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **loading)
+        if backbone_config.model_type == STCConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is already an STC checkpoint, not a backbone: load it with "
+                "`STCForSequenceClassification.from_pretrained(...)` (or `AutoModelForSequenceClassification`)."
+            )
+        model_class = backbone_class(backbone_config)
         backbone = model_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
         if id2label is not None:
             id2label = {int(k): v for k, v in id2label.items()}
@@ -573,8 +581,9 @@ class STCForSequenceClassification(STCPreTrainedModel):
             return self
         del self.layer_map.layers[keep:]
         for config in {id(c): c for c in (self.config.text_config, self.backbone.config)}.values():
-            for name, value in list(vars(config).items()):
-                if isinstance(value, (list, tuple)) and len(value) == total and name != "architectures":
+            for name, value in list(vars(config).items()):  # per-layer lists (e.g. `layer_types`) lose the rest
+                per_layer = name != "architectures" and "token_id" not in name  # not e.g. a list of EOS ids
+                if per_layer and isinstance(value, (list, tuple)) and len(value) == total:
                     setattr(config, name, type(value)(value[:keep]))
             config.num_hidden_layers = keep
         self._build_head_input()

@@ -203,8 +203,9 @@ def _intercept_only(problem: _Problem) -> torch.Tensor:
     if problem.loss == "softmax":
         b = mean.clamp(min=1e-12).log()
         b = b - b.mean()
-    elif problem.loss == "sigmoid":
-        mean = mean.clamp(1e-12, 1 - 1e-12)
+    elif problem.loss == "sigmoid":  # a label on every row (or none): a finite bias, 1 - 1e-12 rounds to 1 in float32
+        eps = torch.finfo(mean.dtype).eps
+        mean = mean.clamp(eps, 1 - eps)
         b = mean.log() - (-mean).log1p()
     else:
         b = mean

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -56,8 +57,14 @@ class STCTrainingArguments:
     progress: bool = True
 
     def token_limit(self, model) -> int | None:
-        """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`."""
-        return None if model.config.long_input_chunks else self.max_length
+        """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`, at most as
+        many as the backbone reads (its position window)."""
+        if model.config.long_input_chunks:
+            return None
+        window = getattr(model, "_window", None)
+        if window is None:
+            return self.max_length
+        return window if self.max_length is None else min(self.max_length, window)
 
     def search_settings(self, device) -> SearchSettings:
         return SearchSettings(
@@ -90,32 +97,60 @@ class PredictionOutput:
     metrics: dict[str, float] | None
 
 
+def _feature_names(feature) -> list[str] | None:
+    """Class names of a `ClassLabel` feature, or of a sequence of them (multi-label)."""
+    return getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+
+
+def _default_names(names) -> bool:
+    """transformers' placeholder class names LABEL_0, LABEL_1, ... (no real names known)."""
+    return all(name == f"LABEL_{i}" for i, name in enumerate(names))
+
+
+def _plain(label):
+    """A label as plain Python: tensors and numpy values become numbers or lists; NaN and pandas' NA become None."""
+    if hasattr(label, "tolist"):
+        label = label.tolist()
+    if type(label).__name__ == "NAType" or (isinstance(label, float) and math.isnan(label)):
+        return None
+    return label
+
+
+def _problem_type(labels: list, names) -> str:
+    """transformers' problem type of a label column: lists of ids, names or 0/1 flags are multi-label, other lists
+    of floats regression targets; a float is a regression target unless class names are known."""
+    first = labels[0]
+    if isinstance(first, (list, tuple)):
+        values = [value for row in labels for value in row]
+        floats = any(isinstance(value, float) for value in values)
+        return "regression" if floats and not set(values) <= {0, 1} else "multi_label_classification"
+    if isinstance(first, float) and names is None:
+        return "regression"
+    return "single_label_classification"
+
+
 class LabelEncoder:
     """Maps a dataset's label column to model targets for the three problem types.
 
-    Single-label: class ids or names. Multi-label: 0/1 vectors of fixed width, or lists of label ids / names.
-    Regression: a float, or a list of floats per row.
+    Single-label: class ids or names. Multi-label: 0/1 vectors of fixed width (ints or floats), or lists of label
+    ids / names. Regression: a float, or a list of floats per row.
     """
 
     def __init__(self, task: str, names: list[str] | None, num_labels: int, vectors: bool = False):
         self.task, self.names, self.num_labels, self.vectors = task, names, num_labels, vectors
 
     @classmethod
-    def fit(cls, labels: list, feature=None, problem_type: str | None = None) -> "LabelEncoder":
+    def fit(cls, labels: list, feature=None, problem_type: str | None = None, names=None) -> "LabelEncoder":
+        """The encoder of training labels. `problem_type` and `names` (class names for integer ids) come from the
+        model config when the user set them; a `ClassLabel` feature's names come first."""
         if not labels:
             raise ValueError("The training data has no labels.")
         if any(label is None for label in labels):
-            raise ValueError("The label column holds missing values (None): drop or fill those rows.")
+            raise ValueError("The label column holds missing values (None/NaN): drop or fill those rows.")
         first = labels[0]
-        names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
-        is_list = isinstance(first, (list, tuple, np.ndarray))
-        if problem_type is None:
-            if is_list and not (len(first) and isinstance(first[0], (float, np.floating))):
-                problem_type = "multi_label_classification"
-            elif is_list or (isinstance(first, (float, np.floating)) and names is None):
-                problem_type = "regression"
-            else:
-                problem_type = "single_label_classification"
+        names = _feature_names(feature) or names
+        is_list = isinstance(first, (list, tuple))
+        problem_type = problem_type or _problem_type(labels, names)
         if problem_type == "regression":
             encoder = cls(problem_type, None, len(first) if is_list else 1)
             if len(labels) > 1 and bool((encoder.encode(labels).std(0) == 0).any()):
@@ -125,6 +160,10 @@ class LabelEncoder:
             return cls._fit_multi_label(labels, names)
         names_given = names is not None
         if isinstance(first, str):
+            other = next((label for label in labels if not isinstance(label, str)), None)
+            if other is not None:
+                raise ValueError(f"The labels mix class names such as {first!r} with other values such as {other!r}: "
+                                 "use names only, or class ids only.")
             names = sorted(set(labels))
         elif isinstance(first, (bool, np.bool_)) and names is None:
             names = ["False", "True"]
@@ -165,7 +204,29 @@ class LabelEncoder:
             names = [f"LABEL_{i}" for i in range(max(int(x) for x in items) + 1)]
         return cls("multi_label_classification", list(names), len(names))
 
-    def encode(self, labels: list) -> torch.Tensor:
+    @classmethod
+    def for_model(cls, config, labels: list) -> "LabelEncoder":
+        """The encoder of a fitted model's labels (`id2label`, `problem_type`), for data it was not fitted on."""
+        task = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+        if task == "regression":
+            return cls(task, None, config.num_labels)
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        vectors = False
+        if task == "multi_label_classification":
+            summary = getattr(config, "fit_summary", None) or {}
+            vectors = summary.get("label_vectors")
+            if vectors is None:  # fitted before the format was recorded: flags have the model's width
+                vectors = all(isinstance(row, (list, tuple)) and len(row) == config.num_labels
+                              and set(row) <= {0, 1} for row in labels)
+        return cls(task, names, config.num_labels, vectors)
+
+    def encode(self, labels: list, feature=None) -> torch.Tensor:
+        """Targets of `labels`. With their `ClassLabel` `feature`, ids are read by class name: a split encoded on its
+        own may number the same classes otherwise."""
+        missing = next((row for row, label in enumerate(labels) if label is None), None)
+        if missing is not None:
+            raise ValueError(f"The label of row {missing} is missing (None/NaN): drop or fill those rows.")
+        labels = self._by_name(labels, _feature_names(feature))
         if self.task == "regression":
             values = torch.tensor(np.asarray(labels, dtype=np.float32)).reshape(len(labels), self.num_labels)
             if not torch.isfinite(values).all():
@@ -184,12 +245,32 @@ class LabelEncoder:
             return out
         return torch.tensor([self._index(x) for x in labels], dtype=torch.long)
 
+    def _by_name(self, labels: list, names) -> list:
+        """Class ids of a feature with other class names than the model's, replaced by their names."""
+        if names is None or self.names is None or self.vectors or list(names) == self.names \
+                or _default_names(self.names):
+            return labels
+
+        def name(label):
+            return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+
+        if self.task == "multi_label_classification":
+            return [[name(label) for label in row] for row in labels]
+        return [name(label) for label in labels]
+
     def _index(self, label) -> int:
         if isinstance(label, str):
             if label not in self.names:
                 raise ValueError(f"Unknown label {label!r}: the training labels are {self.names}.")
             return self.names.index(label)
-        index = int(label)
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if not isinstance(label, int):
+            raise ValueError(
+                f"Label {label!r} is not a class id (an integer in 0..{self.num_labels - 1}) nor one of the class "
+                f"names {self.names}. For regression targets set `problem_type='regression'` on the model config."
+            )
+        index = label
         if index < 0:
             raise ValueError(
                 f"Label id {index} is negative: class ids count from 0. Rows labelled {index} are usually unlabelled "
@@ -214,14 +295,18 @@ class LabelEncoder:
 
 def _columns(dataset, args, need_labels=True):
     """Texts (pairs with `args.text_pair_column`) and labels with their feature, from a `datasets.Dataset`, a dict
-    of lists, or (texts, labels)."""
-    if isinstance(dataset, tuple):
+    of lists or a DataFrame, (texts, labels), or texts alone (a string, a list, a numpy array or pandas Series)."""
+    if isinstance(dataset, str):
+        dataset = [dataset]
+    if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset[0], str):
         texts, labels = dataset
-        return check_texts(texts), (list(labels) if labels is not None else None), None
-    if isinstance(dataset, list):
-        return check_texts(dataset), None, None
+        return check_texts(texts), (None if labels is None else [_plain(label) for label in labels]), None
+    if isinstance(dataset, (list, tuple)) or getattr(dataset, "ndim", None) == 1:
+        return check_texts(list(dataset)), None, None
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         raise ValueError(f"Got a DatasetDict with splits {list(dataset)}: pass one split, e.g. `data['train']`.")
+    if hasattr(dataset, "with_format"):  # torch / numpy formatted datasets: read plain Python values
+        dataset = dataset.with_format(None)
     if isinstance(dataset, IterableDataset) and dataset.column_names is None:  # no features: read the rows once
         rows = list(dataset)
         dataset = {name: [row.get(name) for row in rows] for name in (rows[0] if rows else {})}
@@ -232,7 +317,7 @@ def _columns(dataset, args, need_labels=True):
             raise ValueError(f"Text column {column!r} not found; the data has columns {names}. Set `{option}=`.")
     labels, feature = None, None
     if args.label_column in names:
-        labels = list(dataset[args.label_column])
+        labels = [_plain(label) for label in dataset[args.label_column]]
         feature = getattr(dataset, "features", {}).get(args.label_column) if hasattr(dataset, "features") else None
     elif need_labels:
         raise ValueError(f"Label column {args.label_column!r} not found; the data has columns {names}. "
@@ -334,13 +419,15 @@ class STCTrainer:
                 "The tokenizer has no template for text pairs (as most decoder LLMs): it joins the two texts with "
                 "nothing between them. Join them yourself into one text with a separator (e.g. "
                 "'Premise: ...\nHypothesis: ...') to keep them apart.", stacklevel=2)
-        self.encoder = LabelEncoder.fit(labels, feature, self.model.config.problem_type
-                                        if self.model.config.problem_type and self.model.config.selection else None)
+        config = self.model.config
+        names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
+        self.encoder = LabelEncoder.fit(labels, feature, config.problem_type,
+                                        None if names is None or _default_names(names) else names)
         y = self.encoder.encode(labels)
         if self.eval_dataset is not None:
-            val_texts, val_labels, _ = _columns(self.eval_dataset, args)
+            val_texts, val_labels, val_feature = _columns(self.eval_dataset, args)
             _same_kind(pairs, val_texts, "training", "validation")
-            y_val = self.encoder.encode(val_labels)
+            y_val = self.encoder.encode(val_labels, val_feature)
             validation = "given"
         else:
             stratify = self.encoder.task == "single_label_classification"
@@ -349,6 +436,11 @@ class STCTrainer:
             val_texts, y_val = [texts[i] for i in val_rows], y[val_rows]
             texts, y = [texts[i] for i in train_rows], y[train_rows]
             validation = "internal split"
+        if self.encoder.task == "regression" and (len(y_val) < 2 or bool((y_val.std(0) == 0).any())):
+            raise ValueError(
+                f"The {len(y_val)} validation targets are all equal: R^2 cannot rank the candidates. Pass a larger "
+                "`eval_dataset` (or more training rows for the internal split)."
+            )
         self.encoder.configure(self.model)
         # under `accelerate launch` / torchrun with several processes: each extracts a share of the batches on its
         # own device, the main process runs the search, and the others receive its result
@@ -385,6 +477,7 @@ class STCTrainer:
             "base_score": round(result.base_score, 6),
             "candidates_top": candidates[:20],
             "text_pairs": pairs,
+            "label_vectors": self.encoder.vectors,
             "num_train": len(texts),
             "num_validation": len(val_texts),
             "validation": validation,
@@ -437,15 +530,13 @@ class STCTrainer:
     def predict(self, dataset) -> PredictionOutput:
         """Logits for a dataset (or list of texts); metrics when it has labels."""
         self._require_fitted()
-        texts, labels, _ = _columns(dataset, self.args, need_labels=False)
+        texts, labels, feature = _columns(dataset, self.args, need_labels=False)
         logits = predict_logits(self.model, self.tokenizer, texts, max_length=self.args.token_limit(self.model),
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None
         if labels is not None:
-            encoder = self.encoder or LabelEncoder(self.model.config.problem_type,
-                                                   list(self.model.config.id2label.values()),
-                                                   self.model.config.num_labels)
-            label_ids = encoder.encode(labels).numpy()
+            encoder = self.encoder or LabelEncoder.for_model(self.model.config, labels)
+            label_ids = encoder.encode(labels, feature).numpy()
             metrics = compute_metrics(logits, label_ids, self.model.config.problem_type)
         return PredictionOutput(logits, label_ids, metrics)
 

@@ -82,9 +82,13 @@ class TestEveryArchitecture:
         assert model.config.exit_layer == tester.num_layers - 2
         untruncated = model(**inputs).logits
         torch.testing.assert_close(untruncated, dense)
+        eos = model.config.text_config.eos_token_id
+        model.config.text_config.eos_token_id = [1, 2, 3][: tester.num_layers]  # one id per layer, by chance
         model.truncate_backbone()
         assert len(model.layer_map.layers) == tester.num_layers - 1
         assert model.config.text_config.num_hidden_layers == tester.num_layers - 1
+        assert model.config.text_config.eos_token_id == [1, 2, 3]  # token ids are not per-layer settings
+        model.config.text_config.eos_token_id = eos
         torch.testing.assert_close(model(**inputs).logits, untruncated, rtol=0, atol=0)
         model.save_pretrained(tmp_path)
         loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
@@ -122,8 +126,9 @@ class TestEveryArchitecture:
             return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
         plain = gradients()
+        assert model.supports_gradient_checkpointing == model.backbone.supports_gradient_checkpointing
         if not model.backbone.supports_gradient_checkpointing:  # e.g. MPNet: transformers refuses, clearly
-            with pytest.raises(ValueError, match="gradient checkpointing"):
+            with pytest.raises(ValueError, match="does not support activation checkpointing"):
                 model.activation_checkpointing_enable()
             return
         model.activation_checkpointing_enable()
@@ -478,9 +483,15 @@ def test_multi_label_target_shape(tester):
         model(**tester.inputs(), labels=torch.tensor([[1.0, 0.0]] * 3))
 
 
-def test_num_labels_mismatch_with_id2label(tester):
+def test_num_labels_mismatch_with_id2label(tester, tmp_path):
     with pytest.raises(ValueError, match="does not match `id2label`"):
         tester.stc_config("bert", num_labels=3, id2label={0: "a", 1: "b"})
+    # loading a checkpoint with named labels and another `num_labels`: a new head, as in transformers
+    tester.model("bert", id2label={0: "neg", 1: "pos"}).save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert loaded.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
+    assert loaded.head.classifier.weight.shape[0] == 5
+    assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "neg", 1: "pos"}
 
 
 def test_empty_batch(tester):
@@ -492,9 +503,12 @@ def test_empty_batch(tester):
 
 
 def test_checkpoint_of_wrong_type(tester, tmp_path):
-    AutoModel.from_config(tester.backbone_config("llama")).save_pretrained(tmp_path)
+    AutoModel.from_config(tester.backbone_config("llama")).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="'llama' checkpoint, not an STC one.*from_backbone_pretrained"):
-        STCForSequenceClassification.from_pretrained(tmp_path)
+        STCForSequenceClassification.from_pretrained(tmp_path / "llama")
+    tester.model("bert").save_pretrained(tmp_path / "stc")
+    with pytest.raises(ValueError, match="already an STC checkpoint, not a backbone.*from_pretrained"):
+        STCForSequenceClassification.from_backbone_pretrained(tmp_path / "stc")
 
 
 def test_unexpected_forward_argument(tester):

@@ -168,11 +168,18 @@ def test_tiny_training_sets_split_or_say_why_not(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("targets,match", [([0.5, 0.5, 0.5, 0.5], "all equal"),
-                                           ([0.1, 0.5], "No layer probe kept any neuron")])
-def test_regression_without_signal(tmp_path, targets, match):
-    data = {"text": [f"w{i} w{i + 1}" for i in range(len(targets))], "label": targets}
-    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=data,
+@pytest.mark.parametrize("targets,validation,match", [
+    ([0.5, 0.5, 0.5, 0.5], None, "targets .*are all equal"),
+    ([0.1, 0.5], None, "The 1 validation targets are all equal"),  # R^2 of one row is undefined
+    ([0.1, 0.7, 0.2], [0.3, 0.3], "The 2 validation targets are all equal"),
+    ([0.1], [0.1, 0.5], "No layer probe kept any neuron"),
+])
+def test_regression_without_signal(tmp_path, targets, validation, match):
+    def rows(values):
+        return {"text": [f"w{i} w{i + 1}" for i in range(len(values))], "label": values}
+
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path), train_dataset=rows(targets),
+                         eval_dataset=None if validation is None else rows(validation),
                          processing_class=make_tiny_tokenizer())
     with pytest.raises(ValueError, match=match):
         trainer.train()
@@ -486,3 +493,132 @@ def test_small_validation_sets_are_joined_by_cross_validation(tmp_path):
     plain_result = plain.train()
     assert "cross_validated_score" not in plain_result.chosen
     assert plain.model.config.fit_summary["validation"] == "given"
+
+
+# -- labels and texts as users hand them over ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", [int, float])
+def test_multi_label_flags_in_torch_format_fit_and_survive_a_reload(tmp_path, flag):
+    """0/1 flag vectors (ints, or floats as BCE wants them) in a torch-formatted dataset are multi-label, also with
+    a label on every row; a reloaded model reads them as flags, not as label ids."""
+    texts, labels = synthetic_texts(160, 3, seed=1)
+    flags = [[flag(y == 0), flag(y == 1), flag(y != 1), flag(1)] for y in labels]  # the last label is always on
+    data = Dataset.from_dict({"text": texts, "label": flags}).with_format("torch")
+    train, test = data.select(range(120)), data.select(range(120, 160))
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, cv_folds=0), train_dataset=train,
+                         processing_class=make_tiny_tokenizer())
+    trainer.train()
+    assert trainer.model.config.problem_type == "multi_label_classification"
+    assert trainer.model.config.num_labels == 4
+    before = trainer.evaluate(test)
+    assert before["eval_micro_f1"] > 0.6
+    reloaded = AutoModelForSequenceClassification.from_pretrained(trainer.save_model())
+    after = STCTrainer(reloaded, small_args(tmp_path), processing_class=make_tiny_tokenizer()).evaluate(test)
+    assert after == before
+
+
+def test_torch_formatted_regression_stays_regression(tmp_path):
+    texts, labels = synthetic_texts(120, 2, seed=2)
+    targets = [y + 0.1 * len(t.split()) for t, y in zip(texts, labels)]
+    data = Dataset.from_dict({"text": texts, "label": targets})
+    fits = []
+    for dataset in (data, data.with_format("torch")):
+        trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, cv_folds=0), train_dataset=dataset,
+                             processing_class=make_tiny_tokenizer())
+        trainer.train()
+        fits.append((trainer.model.config.problem_type, trainer.predict(texts[:10]).predictions))
+    assert fits[0][0] == fits[1][0] == "regression"
+    np.testing.assert_array_equal(fits[0][1], fits[1][1])
+
+
+def test_splits_encoded_separately_are_read_by_class_name(tmp_path):
+    """A validation or test split whose ClassLabel numbers the same classes otherwise (e.g. `class_encode_column`
+    per split) is scored by name; a class name the model does not know is refused."""
+    texts, labels = synthetic_texts(160, 2, seed=0)
+
+    def split(rows, names):
+        features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+        named = [("neg", "pos")[labels[i]] for i in rows]
+        return Dataset.from_dict({"text": [texts[i] for i in rows], "label": [names.index(n) for n in named]},
+                                 features=features)
+
+    train = split(range(100), ["neg", "pos"])
+    flipped, same = split(range(100, 160), ["pos", "neg"]), split(range(100, 160), ["neg", "pos"])
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, cv_folds=0), train_dataset=train,
+                         eval_dataset=flipped, processing_class=make_tiny_tokenizer())
+    result = trainer.train()
+    assert trainer.evaluate(flipped) == trainer.evaluate(same)
+    accuracy = trainer.evaluate(same)["eval_accuracy"]
+    assert accuracy == pytest.approx(result.validation_score) and accuracy > 0.7
+    other = Dataset.from_dict({"text": ["w1"], "label": [2]},
+                              features=Features({"text": Value("string"),
+                                                 "label": ClassLabel(names=["pos", "neg", "maybe"])}))
+    with pytest.raises(ValueError, match="Unknown label 'maybe'"):
+        trainer.evaluate(other)
+
+
+def test_problem_type_and_label_names_set_on_the_config_are_used(tmp_path):
+    texts, labels = synthetic_texts(120, 3, seed=4)
+    model = STCModelTester().model("bert", num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"})
+    STCTrainer(model, small_args(tmp_path / "names", cv_folds=0), train_dataset=(texts, labels),
+               processing_class=make_tiny_tokenizer()).train()
+    assert model.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    counts = [len(t.split()) for t in texts]  # integer targets: classes unless the config says regression
+    model = STCModelTester().model("bert", num_labels=1, problem_type="regression")
+    STCTrainer(model, small_args(tmp_path / "regression", cv_folds=0), train_dataset=(texts, counts),
+               processing_class=make_tiny_tokenizer()).train()
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+
+
+@pytest.mark.parametrize("labels,match", [
+    ([0, 1, 1.5, 0], "Label 1.5 is not a class id"),
+    (["a", 1, "b", "a"], "mix class names such as 'a' with other values such as 1"),
+    ([0, 1, float("nan"), 0], "missing values"),
+])
+def test_labels_of_mixed_kinds_are_refused(tmp_path, labels, match):
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=(["w1 w2", "w3", "w4 w5", "w6"], labels), processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+def test_predict_takes_texts_in_plain_containers_and_evaluate_checks_labels(tmp_path):
+    import pandas as pd
+
+    texts, labels = synthetic_texts(80, 2, seed=5)
+    trainer = trainer_for(tmp_path, texts, labels, cv_folds=0)
+    trainer.train()
+    expected = trainer.predict(texts[:3]).predictions
+    for given in (tuple(texts[:3]), np.array(texts[:3]), pd.Series(texts[:3])):
+        np.testing.assert_array_equal(trainer.predict(given).predictions, expected)
+    np.testing.assert_allclose(trainer.predict(texts[0]).predictions, expected[:1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="label of row 1 is missing"):
+        trainer.evaluate((texts[:2], [0, None]))
+    with pytest.raises(ValueError, match="Label 0.7 is not a class id"):
+        trainer.evaluate((texts[:2], [0.7, 1]))
+
+
+def test_labelled_rows_given_as_pairs_get_a_pointer(tmp_path):
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path),
+                         train_dataset=[("w1 w2", 0), ("w3", 1)], processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"give labelled rows as \(texts, labels\)"):
+        trainer.train()
+
+
+def test_max_length_is_capped_at_the_backbone_window(tmp_path):
+    """A text longer than the backbone's position table is cut at the window, not sent whole into an error."""
+    from transformers import BertConfig
+
+    from stc_transformers import STCConfig, STCForSequenceClassification
+
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, pad_token_id=0, max_position_embeddings=16)
+    model = STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
+    texts, labels = synthetic_texts(60, 2, seed=6)
+    texts[0] = " ".join(["w1"] * 40)
+    trainer = STCTrainer(model, small_args(tmp_path, cv_folds=0), train_dataset=(texts, labels),
+                         processing_class=make_tiny_tokenizer())
+    assert trainer.args.token_limit(model) == 16
+    trainer.train()
+    assert trainer.predict([texts[0]]).predictions.shape == (1, 2)
