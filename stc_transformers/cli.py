@@ -89,11 +89,55 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _folds(text: str) -> int:
+    value = int(text)
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has (checked when given, so a typo fails before any work)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1, mps)") from error
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise argparse.ArgumentTypeError(f"{text!r} is not available here (this torch sees no {device.type} device)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def _add_data_arguments(parser, *, labels: bool = True):
@@ -118,6 +162,11 @@ def _add_data_arguments(parser, *, labels: bool = True):
             help="column holding the targets: class ids or names (single-label), lists of labels or 0/1 vectors "
                  "(multi-label), floats (regression)",
         )
+        group.add_argument(
+            "--class-labels", action="store_true",
+            help="read the label values as class names, e.g. star ratings 1-5 (by default integers are class "
+                 "ids 0..N-1); give it to `stc evaluate` too",
+        )
     return group
 
 
@@ -132,7 +181,8 @@ def _add_model_runtime(parser):
         help="truncate texts to this many tokens (default: the length the model was fitted with, from "
              "stc_training_args.json, else the tokenizer's limit)",
     )
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="torch device, e.g. cpu or cuda (default: cuda if available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,14 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = fit.add_argument_group("feature extraction")
     run.add_argument("--max-length", type=_positive_int, default=256, help="truncate texts to this many tokens")
     run.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
-    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--device", type=_device, default=None,
+                     help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--cache-dir", default=None,
                      help="keep the extracted features here (reused by a later fit on the same model and texts); "
                           "by default they go to OUTPUT_DIR/feature_cache and are deleted after a successful fit")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     search = fit.add_argument_group("selection search")
     search.add_argument("--seed", type=int, default=42, help="seed of subsets, the internal split and the search")
-    search.add_argument("--validation-fraction", type=_fraction, default=0.15,
+    search.add_argument("--validation-fraction", type=_open_fraction, default=0.15,
                         help="share of the training split held out when the data has no validation split")
     search.add_argument("--search-samples", type=_positive_int, default=SEARCH_DEFAULTS["search_samples"],
                         help="training rows used by the search (the winner is refitted on all rows)")
@@ -219,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="optimizer iterations per probe")
     search.add_argument("--finalists", type=_positive_int, default=SEARCH_DEFAULTS["finalists"],
                         help="best (blocks, eta) pairs of a subsampled search refitted on every training row")
-    search.add_argument("--early-exit-tolerance", type=float, default=SEARCH_DEFAULTS["early_exit_tolerance"],
+    search.add_argument("--early-exit-tolerance", type=_non_negative_float, default=SEARCH_DEFAULTS["early_exit_tolerance"],
                         help="prefer an earlier exit layer within this validation-score margin")
-    search.add_argument("--cv-folds", type=int, default=SEARCH_DEFAULTS["cv_folds"],
+    search.add_argument("--cv-folds", type=_folds, default=SEARCH_DEFAULTS["cv_folds"],
                         help="cross-validation folds of the training sample scored with a small validation set "
                              "(0: validation set alone)")
     search.add_argument("--cv-below", type=_positive_int, default=SEARCH_DEFAULTS["cv_below"],
@@ -303,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--plots-dir", default=None,
                         help="where to write stc_layer_scores.png and stc_kept_neurons.png (default: the model "
                              "folder, or the current folder for a Hub id)")
-    report.add_argument("--top-neurons", type=int, default=5, metavar="K",
+    report.add_argument("--top-neurons", type=_non_negative_int, default=5, metavar="K",
                         help="print the K heaviest head weights per label (0: none)")
     report.set_defaults(handler=cmd_report)
     return parser
@@ -404,7 +455,8 @@ def load_data(args):
     kwargs = _parse_data_args(args.data_arg)
     try:
         data = load_text_dataset(source, text_column=args.text_column, label_column=args.label_column,
-                                 text_pair_column=args.text_pair_column, **kwargs)
+                                 text_pair_column=args.text_pair_column,
+                                 class_labels=getattr(args, "class_labels", False), **kwargs)
     except ValueError as error:
         message = str(error).replace("Pass text_column=... / text_pair_column=... / label_column=... to choose them.",
                                      "Choose them with --text-column / --text-pair-column / --label-column.")
@@ -413,7 +465,10 @@ def load_data(args):
         raise
     except Exception as error:  # datasets' own errors: unreadable files, unknown Hub ids, no network, ...
         what = f"dataset {source!r} from the Hugging Face Hub" if description == source else f"{description}"
-        raise CLIError(f"Could not load {what}: {type(error).__name__}: {error}") from error
+        cause = error.__cause__ or error  # "An error occurred while generating the dataset" wraps the reason
+        hint = (" Pass the loader's options with --data-arg, e.g. --data-arg encoding=latin-1 or "
+                "--data-arg delimiter=';'.") if description != source else ""
+        raise CLIError(f"Could not load {what}: {type(cause).__name__}: {cause}.{hint}") from error
     return data, description
 
 
@@ -552,6 +607,8 @@ def cmd_fit(args) -> int:
         raise CLIError(f"{args.model!r} is already a fitted STC classifier; `stc fit` needs a backbone "
                        "(a Hub model id, a local model folder, minilm or smollm2).")
 
+    output_dir = Path(args.output_dir).expanduser()
+    _check_output_dir(output_dir, model_path)
     data, description = load_data(args)
     train_name = _pick_split(data, args.train_split, None, "--train-split")
     val_name = _pick_split(data, args.validation_split, "validation", "--validation-split")
@@ -569,7 +626,6 @@ def cmd_fit(args) -> int:
         model_path, sources=args.sources, poolings=args.poolings, dtype=getattr(torch, args.dtype), **remote)
     tokenizer = AutoTokenizer.from_pretrained(model_path, **remote)
 
-    output_dir = Path(args.output_dir).expanduser()
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else output_dir / "feature_cache"
     search = {k: tuple(v) for k, v in (("etas", args.etas), ("strength_ratios", args.strength_ratios),
                                         ("final_strengths", args.final_strengths)) if v}
@@ -584,6 +640,10 @@ def cmd_fit(args) -> int:
     )
     trainer = STCTrainer(model, training_args, train_dataset=train, eval_dataset=validation,
                          processing_class=tokenizer, dataset_name=description)
+    try:  # an unusable --output-dir fails before the work, not after it
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"Cannot create --output-dir {str(output_dir)!r}: {_one_line(error)}") from error
     result = trainer.train()
     distributed = distributed_state(trainer.device)
     if distributed is not None and not distributed.is_main_process:
@@ -642,6 +702,23 @@ def cmd_fit(args) -> int:
     _say(f"Saved to {output_dir} (metrics in {output_dir / 'metrics.json'}); load it with "
          f"pipeline(\"text-classification\", model=\"{output_dir}\").")
     return 0
+
+
+def _check_output_dir(output_dir: Path, model_path) -> None:
+    """Nothing the user saved is overwritten by a fit: not the backbone itself, nor a folder holding another kind
+    of model (a fitted STC checkpoint may be replaced, as `Trainer` replaces its output_dir)."""
+    if output_dir.exists() and Path(model_path).exists() and output_dir.resolve() == Path(model_path).resolve():
+        raise CLIError(f"--output-dir {str(output_dir)!r} is the backbone's own folder: the fit would overwrite "
+                       "the backbone. Choose another folder.")
+    config = output_dir / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, OSError):
+            model_type = None
+        if model_type != "stc":
+            raise CLIError(f"--output-dir {str(output_dir)!r} holds a {model_type or 'non-STC'} model "
+                           "(config.json) that the fit would overwrite. Choose another folder.")
 
 
 def _labels_for_model(model, dataset):
@@ -707,7 +784,12 @@ def _read_texts(path_text: str, column: str) -> list[str]:
         raise CLIError(f"Input file {path_text!r} not found.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CLIError(f"Input file {path_text!r} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                           "convert it, e.g. `iconv -f latin1 -t utf-8`.") from error
+        texts = [line for line in content.splitlines() if line.strip()]
         if not texts:
             raise CLIError(f"Input file {path_text!r} has no texts.")
         return texts
@@ -744,6 +826,13 @@ def cmd_predict(args) -> int:
 
     from .trainer import check_input_kind
 
+    if args.output is not None:
+        output = Path(args.output).expanduser()
+        if output.suffix.lower() not in (".jsonl", ".csv"):
+            raise CLIError(f"--output {args.output!r}: write predictions to a .jsonl or a .csv file.")
+        if args.input is not None and output.exists() and output.resolve() == Path(args.input).expanduser().resolve():
+            raise CLIError("--output is the --input file: the predictions would overwrite the texts. Choose another "
+                           "file.")
     texts = _predict_inputs(args)
     model, tokenizer = load_stc(args.model, device=args.device)
     check_input_kind(model, texts)
@@ -796,15 +885,22 @@ def cmd_push(args) -> int:
     if not Path(args.model).expanduser().is_dir():
         raise CLIError(f"Model folder {args.model!r} not found.")
     model, tokenizer = load_stc(args.model)
-    commit = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
-                               commit_message=args.commit_message)
-    # The tokenizer files go up in a second commit, without a README.md: `tokenizer.push_to_hub` uploads a card too
-    # (the Hub's copy of the STC card re-saved, or transformers' empty default card when it cannot read one back).
-    with tempfile.TemporaryDirectory() as folder:
-        files = tokenizer.save_pretrained(folder)
-        operations = [huggingface_hub.CommitOperationAdd(path_in_repo=Path(f).name, path_or_fileobj=f) for f in files]
-        huggingface_hub.HfApi().create_commit(args.repo_id, operations=operations, token=token,
-                                              commit_message="Upload tokenizer")
+    try:
+        commit = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
+                                   commit_message=args.commit_message)
+        # The tokenizer files go up in a second commit, without a README.md: `tokenizer.push_to_hub` uploads a card
+        # too (the Hub's copy of the STC card re-saved, or transformers' empty default card when it cannot read one).
+        with tempfile.TemporaryDirectory() as folder:
+            files = tokenizer.save_pretrained(folder)
+            operations = [huggingface_hub.CommitOperationAdd(path_in_repo=Path(f).name, path_or_fileobj=f)
+                          for f in files]
+            huggingface_hub.HfApi().create_commit(args.repo_id, operations=operations, token=token,
+                                                  commit_message="Upload tokenizer")
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise CLIError(f"Could not reach the Hugging Face Hub ({_one_line(error)}); {args.model} is unchanged. "
+                       "Check the connection (and HF_HUB_OFFLINE) and run `stc push` again.") from error
     url = getattr(commit, "commit_url", None)
     _say(f"Pushed {args.model} to https://huggingface.co/{args.repo_id}" + (f" (commit {url})" if url else "") + ".")
     _say(f"Use it with pipeline(\"text-classification\", model=\"{args.repo_id}\", trust_remote_code=True), or "
@@ -841,6 +937,13 @@ def cmd_report(args) -> int:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """No connection, a timeout or an HTTP error from the Hub (httpx, requests or huggingface_hub types)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectError", "ConnectionError", "TimeoutException", "Timeout", "HTTPError",
+                         "HfHubHTTPError", "OfflineModeIsEnabled"})
 
 
 def _is_bad_input(error: BaseException) -> bool:

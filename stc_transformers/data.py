@@ -296,9 +296,12 @@ def _as_dataset_dict(data, split) -> DatasetDict:
 
 
 def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | None,
-                         text_pair_column: str | None = None) -> DatasetDict:
-    """Rename the user's columns to ``text`` (and ``text_pair``) / ``label``; turn string labels into a
-    ``ClassLabel``."""
+                         text_pair_column: str | None = None, class_labels: bool = False) -> DatasetDict:
+    """Rename the user's columns to ``text`` (and ``text_pair``) / ``label``; turn string labels (and with
+    `class_labels` any labels, e.g. star ratings 1-5) into a ``ClassLabel`` of sorted names."""
+    if label_column is not None and label_column in (text_column, text_pair_column):
+        raise ValueError(f"Column {label_column!r} cannot hold both the texts and the labels. "
+                         "Pass text_column=... / text_pair_column=... / label_column=... to choose them.")
     wanted = ({text_column: "text"} | ({text_pair_column: "text_pair"} if text_pair_column else {})
               | ({label_column: "label"} if label_column else {}))
     rename = {old: new for old, new in wanted.items() if old != new}
@@ -314,14 +317,37 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
         out[name] = ds.remove_columns(clashing).rename_columns(rename)
     dd = DatasetDict(out)
     label_types = {getattr(ds.features["label"], "dtype", None) for ds in dd.values()} if label_column else set()
+    if class_labels and label_types and not label_types <= {"string", "large_string"}:
+        if not all(isinstance(ds.features["label"], Value) for ds in dd.values()):
+            raise ValueError("`class_labels` reads a column of plain values (ints, strings) as class names.")
+        numbers = sorted(set().union(*(ds.unique("label") for ds in dd.values())) - {None})
+        dd = dd.cast_column("label", Value("string"))
+        label_types = {"string"}
+        order = [str(value) for value in numbers]  # numeric order (2 before 10), not the order of strings
+    else:
+        order = None
     if label_types and label_types <= {"string", "large_string"}:
-        names = sorted(set().union(*(ds.unique("label") for ds in dd.values())))
-        dd = dd.cast_column("label", ClassLabel(names=names))
+        values = set().union(*(ds.unique("label") for ds in dd.values()))
+        if None in values:
+            split = next(name for name, ds in dd.items() if None in ds.unique("label"))
+            raise ValueError(f"The label column of split {split!r} holds missing values: drop or fill those rows.")
+        dd = dd.cast_column("label", ClassLabel(names=order or sorted(values)))
     return dd
 
 
+def _check_has_rows(path: str) -> None:
+    """A text data file (csv/tsv/json/jsonl) with no data rows gets a clear error, not the loader's own."""
+    if Path(path).suffix.lower() == ".parquet":
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = [line for line, _ in zip((line for line in handle if line.strip()), range(2))]
+    tabular = Path(path).suffix.lower() in (".csv", ".tsv")
+    if len(lines) < (2 if tabular else 1):
+        raise ValueError(f"Data file {path} has no rows" + (" (at most a header line)." if tabular else "."))
+
+
 def load_text_dataset(source, text_column: str = "text", label_column: str | None = "label", split=None,
-                      text_pair_column: str | None = None, **kwargs) -> DatasetDict:
+                      text_pair_column: str | None = None, class_labels: bool = False, **kwargs) -> DatasetDict:
     """Load a text-classification dataset as a ``DatasetDict`` with ``text`` and ``label`` columns.
 
     Sentence-pair tasks (NLI, paraphrase) name their second text column with ``text_pair_column``; it becomes
@@ -333,18 +359,26 @@ def load_text_dataset(source, text_column: str = "text", label_column: str | Non
     ``datasets.load_dataset`` accepts, such as a Hub dataset id or a local data folder
     (``kwargs`` go to ``datasets.load_dataset``). ``split`` keeps only that split
     (or list of splits). A dataset with only a ``train`` split is returned as it is.
-    String labels are encoded as a ``ClassLabel`` with sorted names.
+    String labels are encoded as a ``ClassLabel`` with sorted names; with ``class_labels=True`` other labels too
+    (e.g. star ratings 1-5 become classes "1".."5"). In csv/tsv files only empty cells are missing values ("NA" or
+    "None" are texts).
     """
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         data = BUILTIN_DATASETS[source](**kwargs)
     elif isinstance(source, dict) or Path(source).is_file():
         files = {k: str(v) for k, v in source.items()} if isinstance(source, dict) else str(source)
         paths = list(files.values()) if isinstance(files, dict) else [files]
+        for path in paths:
+            _check_has_rows(path)
         if any(p.lower().endswith(".tsv") for p in paths):
             kwargs.setdefault("delimiter", "\t")
+        if _file_builder(paths) == "csv":  # pandas would read "NA", "None", "null", "nan" ... as missing
+            kwargs.setdefault("keep_default_na", False)
+            kwargs.setdefault("na_values", [""])
         data = datasets.load_dataset(_file_builder(paths), data_files=files, split=split, **kwargs)
     elif Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
         data = datasets.load_from_disk(str(source))
     else:  # a Hub dataset id (or a local folder of data files)
         data = datasets.load_dataset(source, split=split, **kwargs)
-    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column, text_pair_column)
+    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column, text_pair_column,
+                                class_labels)

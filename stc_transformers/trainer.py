@@ -56,6 +56,28 @@ class STCTrainingArguments:
     device: str | None = None
     progress: bool = True
 
+    def __post_init__(self):
+        """Settings outside their range fail here, with the setting's name, not deep inside a fit."""
+        checks = [
+            ("max_length", self.max_length is None or self.max_length >= 1, "a positive integer or None"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("validation_fraction", 0 < self.validation_fraction < 1, "in (0, 1)"),
+            ("etas", bool(self.etas) and all(0 < eta <= 1 for eta in self.etas), "values in (0, 1]"),
+            ("strength_ratios", bool(self.strength_ratios) and min(self.strength_ratios) > 0, "positive values"),
+            ("final_strengths", bool(self.final_strengths) and min(self.final_strengths) > 0, "positive values"),
+            ("search_samples", self.search_samples >= 1, "a positive integer"),
+            ("max_iter", self.max_iter >= 1, "a positive integer"),
+            ("tol", self.tol > 0, "positive"),
+            ("families", self.families in ("sources", "all"), "'sources' or 'all'"),
+            ("finalists", self.finalists >= 1, "a positive integer"),
+            ("early_exit_tolerance", self.early_exit_tolerance >= 0, ">= 0"),
+            ("cv_folds", self.cv_folds == 0 or self.cv_folds >= 2, "0 (off) or at least 2"),
+            ("cv_below", self.cv_below >= 0, ">= 0"),
+        ]
+        for name, valid, expected in checks:
+            if not valid:
+                raise ValueError(f"STCTrainingArguments.{name} must be {expected}, got {getattr(self, name)!r}.")
+
     def token_limit(self, model) -> int | None:
         """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`, at most as
         many as the backbone reads (its position window)."""
@@ -186,7 +208,7 @@ class LabelEncoder:
                 f"Integer labels are class ids 0..{encoder.num_labels - 1} (as in transformers), and ids "
                 f"{[i for i in range(encoder.num_labels) if i not in present]} have no training examples. If the "
                 "labels are values such as 1..5 or {1, 5}, encode them as classes first "
-                "(`dataset.class_encode_column('label')`) or pass them as strings."
+                "(`dataset.class_encode_column('label')`; `--class-labels` with `stc fit`) or pass them as strings."
             )
         return encoder
 

@@ -346,8 +346,16 @@ def test_push_without_a_token(fitted, capsys, monkeypatch, tmp_path):
 def bad_files(workdir):
     texts, labels = synthetic_texts(20, 2, seed=9)
     rows = [(t, NAMES[y]) for t, y in zip(texts, labels)]
+    other_model = workdir / "other_model"
+    other_model.mkdir(exist_ok=True)
+    (other_model / "config.json").write_text('{"model_type": "bert"}')
+    (workdir / "empty.csv").write_text("")
+    (workdir / "empty.jsonl").write_text("\n")
+    (workdir / "latin1.csv").write_bytes("review,sentiment\ncaf\xe9 w1,pos\nw2,neg\n".encode("latin-1"))
     return {
         "empty_text": write_csv(workdir / "empty_text.csv", rows[:2] + [("", "pos")] + rows[2:]),
+        "no_label": write_csv(workdir / "no_label.csv", rows[:2] + [("w3 w4", "")] + rows[2:]),
+        "header_only": write_csv(workdir / "header_only.csv", []),
         "jsonl": write_jsonl(workdir / "bad.jsonl", [{"review": t, "sentiment": y} for t, y in rows]),
         "blank_txt": workdir / "blank.txt",
     }
@@ -409,6 +417,35 @@ BAD_INPUTS = [
      "stc push: error: --repo-id must look like user/name or org/name, got 'no-namespace'."),
     (["evaluate", "--model", "{fitted}", "--data", "sample", "--data-arg", "oops"],
      "stc evaluate: error: --data-arg expects KEY=VALUE, got 'oops'."),
+    # nothing the user saved is overwritten
+    (["fit", "--model", "{backbone}", "--data", "{work}/train.csv", "--text-column", "review", "--label-column",
+      "sentiment", "--output-dir", "{backbone}"],
+     "stc fit: error: --output-dir '{backbone}' is the backbone's own folder: the fit would overwrite the "
+     "backbone. Choose another folder."),
+    (["fit", "--model", "{backbone}", "--data", "{work}/train.csv", "--text-column", "review", "--label-column",
+      "sentiment", "--output-dir", "{work}/other_model"],
+     "stc fit: error: --output-dir '{work}/other_model' holds a bert model (config.json) that the fit would "
+     "overwrite. Choose another folder."),
+    (["predict", "--model", "{fitted}", "--input", "{work}/test.csv", "--text-column", "review", "--output",
+      "{work}/test.csv"],
+     "stc predict: error: --output is the --input file: the predictions would overwrite the texts. Choose another "
+     "file."),
+    (["predict", "--model", "{fitted}", "--text", "w1", "--output", "{tmp}/o/predictions.txt"],
+     "stc predict: error: --output '{tmp}/o/predictions.txt': write predictions to a .jsonl or a .csv file."),
+    # data files
+    (["fit", "--model", "{backbone}", "--data", "{work}/no_label.csv", "--text-column", "review",
+      "--label-column", "sentiment", "--output-dir", "{tmp}/o"],
+     "stc fit: error: The label column of split 'train' holds missing values: drop or fill those rows."),
+    (["fit", "--model", "{backbone}", "--data", "{work}/header_only.csv", "--output-dir", "{tmp}/o"],
+     "stc fit: error: Data file {work}/header_only.csv has no rows (at most a header line)."),
+    (["evaluate", "--model", "{fitted}", "--data", "{work}/empty.csv"],
+     "stc evaluate: error: Data file {work}/empty.csv has no rows (at most a header line)."),
+    (["evaluate", "--model", "{fitted}", "--data", "{work}/empty.jsonl"],
+     "stc evaluate: error: Data file {work}/empty.jsonl has no rows."),
+    (["fit", "--model", "{backbone}", "--data", "{work}/train.csv", "--text-column", "review", "--label-column",
+      "review", "--output-dir", "{tmp}/o"],
+     "stc fit: error: Column 'review' cannot hold both the texts and the labels. Choose them with --text-column / "
+     "--text-pair-column / --label-column."),
 ]
 
 
@@ -423,6 +460,51 @@ def test_bad_input_gives_one_line_and_exit_code_2(argv, message, fitted, backbon
     assert not (tmp_path / "o").exists()
 
 
+def test_unreadable_file_names_the_cause_and_the_loader_options(fitted, bad_files, workdir, capsys):
+    code, _, err = run(capsys, "evaluate", "--model", fitted[0], "--data", workdir / "latin1.csv",
+                       "--text-column", "review", "--label-column", "sentiment")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("stc evaluate: error: Could not load local file latin1.csv: ")
+    assert "UnicodeDecodeError" in line and "--data-arg encoding=latin-1" in line
+
+
+def test_push_without_a_connection_leaves_the_checkpoint_alone(fitted, capsys, monkeypatch):
+    from stc_transformers import STCForSequenceClassification
+
+    class ConnectError(Exception):  # as the Hub client's HTTP library (httpx) raises without a network
+        pass
+
+    def offline(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(STCForSequenceClassification, "push_to_hub", offline)
+    before = {p.name: p.stat().st_mtime_ns for p in fitted[0].iterdir()}
+    code, out, err = run(capsys, "push", "--model", fitted[0], "--repo-id", "me/stc-cli", "--token", "hf_fake")
+    assert code == 2 and out == ""
+    assert err == (f"stc push: error: Could not reach the Hugging Face Hub ([Errno -2] Name or service not known); "
+                   f"{fitted[0]} is unchanged. Check the connection (and HF_HUB_OFFLINE) and run `stc push` again.\n")
+    assert {p.name: p.stat().st_mtime_ns for p in fitted[0].iterdir()} == before
+
+
+def test_fit_star_ratings_as_class_names(backbone, capsys, tmp_path):
+    """--class-labels reads integer labels (star ratings 1 and 5) as class names; csv cells such as "NA" or "None"
+    are texts, not missing values."""
+    texts, labels = synthetic_texts(120, 2, seed=11)
+    rows = [("None" if i == 3 else "NA" if i == 4 else text, (1, 5)[label])
+            for i, (text, label) in enumerate(zip(texts, labels))]
+    data = write_csv(tmp_path / "stars.csv", rows, columns=("review", "stars"))
+    common = ["--data", data, "--text-column", "review", "--label-column", "stars"]
+    code, _, err = run(capsys, "fit", "--model", backbone, *common, "--output-dir", tmp_path / "out", *FAST)
+    assert code == 2 and "--class-labels" in err
+    code, _, err = run(capsys, "fit", "--model", backbone, *common, "--class-labels", "--output-dir",
+                       tmp_path / "out", *FAST)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == {"0": "1", "1": "5"}
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", *common, "--class-labels")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["accuracy"] > 0.7
+
+
 def test_traceback_flag_reraises(fitted, capsys, workdir):
     with pytest.raises(ValueError, match="Text 0 of --text"):
         main(["predict", "--model", str(fitted[0]), "--text", "", "--traceback"])
@@ -435,6 +517,15 @@ def test_traceback_flag_reraises(fitted, capsys, workdir):
      "argument --etas: must be in (0, 1], got 1.5"),
     (["predict", "--model", "m"], "one of the arguments --text --input is required"),
     (["predict", "--model", "m", "--text", "a", "--top-k", "0"], "argument --top-k: must be a positive integer"),
+    (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--early-exit-tolerance", "-0.5"],
+     "argument --early-exit-tolerance: must be >= 0, got -0.5"),
+    (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--cv-folds", "1"],
+     "argument --cv-folds: must be 0 (off) or at least 2, got 1"),
+    (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--validation-fraction", "1"],
+     "argument --validation-fraction: must be in (0, 1), got 1"),
+    (["predict", "--model", "m", "--text", "a", "--device", "foo"], "argument --device: not a torch device: 'foo'"),
+    (["predict", "--model", "m", "--text", "a", "--device", "cuda:99"], "argument --device: 'cuda:99'"),
+    (["report", "--model", "m", "--top-neurons", "-1"], "argument --top-neurons: must be >= 0, got -1"),
 ])
 def test_usage_errors_exit_2(argv, fragment, capsys):
     code, out, err = run(capsys, *argv)
