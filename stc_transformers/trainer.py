@@ -317,13 +317,14 @@ class LabelEncoder:
 
 def _columns(dataset, args, need_labels=True):
     """Texts (pairs with `args.text_pair_column`) and labels with their feature, from a `datasets.Dataset`, a dict
-    of lists or a DataFrame, (texts, labels), or texts alone (a string, a list, a numpy array or pandas Series)."""
+    of lists or a DataFrame, (texts, labels), or texts alone (a string, or any sequence of them)."""
     if isinstance(dataset, str):
         dataset = [dataset]
     if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset[0], str):
         texts, labels = dataset
         return check_texts(texts), (None if labels is None else [_plain(label) for label in labels]), None
-    if isinstance(dataset, (list, tuple)) or getattr(dataset, "ndim", None) == 1:
+    table = hasattr(dataset, "column_names") or hasattr(dataset, "columns") or isinstance(dataset, dict)
+    if not table or getattr(dataset, "ndim", None) == 1:  # texts: a list, tuple, numpy array, Series, Column, ...
         return check_texts(list(dataset)), None, None
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         raise ValueError(f"Got a DatasetDict with splits {list(dataset)}: pass one split, e.g. `data['train']`.")

@@ -590,7 +590,8 @@ def test_predict_takes_texts_in_plain_containers_and_evaluate_checks_labels(tmp_
     trainer = trainer_for(tmp_path, texts, labels, cv_folds=0)
     trainer.train()
     expected = trainer.predict(texts[:3]).predictions
-    for given in (tuple(texts[:3]), np.array(texts[:3]), pd.Series(texts[:3])):
+    column = Dataset.from_dict({"text": texts[:3]})["text"]
+    for given in (tuple(texts[:3]), np.array(texts[:3]), pd.Series(texts[:3]), column):
         np.testing.assert_array_equal(trainer.predict(given).predictions, expected)
     np.testing.assert_allclose(trainer.predict(texts[0]).predictions, expected[:1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="label of row 1 is missing"):
