@@ -520,8 +520,9 @@ def _model_exists_or_hub_id(name: str) -> None:
     raise CLIError(f"Model folder {name!r} not found.")
 
 
-def load_stc(name: str, *, device: str | None = None):
-    """A fitted STC checkpoint and its tokenizer (clear errors for other checkpoints)."""
+def load_stc(name: str, *, device: str | None = None, tokenizer: bool = True):
+    """A fitted STC checkpoint and its tokenizer (None with `tokenizer=False`; clear errors for other
+    checkpoints)."""
     from transformers import AutoTokenizer
 
     from .modeling_stc import STCForSequenceClassification
@@ -548,10 +549,9 @@ def load_stc(name: str, *, device: str | None = None):
             raise
         raise CLIError(f"Model {name!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
                        f"{_one_line(error)}") from error
-    tokenizer = AutoTokenizer.from_pretrained(name)
     if device is not None:
         model.to(device)
-    return model.eval(), tokenizer
+    return model.eval(), (AutoTokenizer.from_pretrained(name) if tokenizer else None)
 
 
 def _saved_max_length(name: str):
@@ -911,7 +911,7 @@ def cmd_push(args) -> int:
 def cmd_report(args) -> int:
     from .interpret import stc_report
 
-    model, _ = load_stc(args.model)
+    model, _ = load_stc(args.model, tokenizer=False)  # the report reads the model alone
     report = stc_report(model)
     _say(report.summary())
     if args.top_neurons > 0:

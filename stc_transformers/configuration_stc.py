@@ -66,6 +66,9 @@ class STCConfig(PreTrainedConfig):
         fit_summary (`dict`, *optional*):
             What the fast fit chose and measured (per-layer validation scores, eta, pooling, ...), for reports and
             model cards.
+        backbone_num_layers (`int`, *optional*):
+            Layers of the backbone before early exit cut it (`text_config.num_hidden_layers` counts those kept);
+            set by `truncate_backbone`, for reports and model cards.
 
     Example:
 
@@ -89,6 +92,7 @@ class STCConfig(PreTrainedConfig):
     long_input_chunks: bool = False
     chunk_overlap: int = 64
     fit_summary: dict | None = None
+    backbone_num_layers: int | None = None
     initializer_range: float = 0.02
 
     @classmethod
@@ -137,6 +141,12 @@ class STCConfig(PreTrainedConfig):
         if self.selection:
             return max(group["layer"] for group in self.selection)
         return self.text_config.num_hidden_layers - 1
+
+    @property
+    def num_backbone_layers(self) -> int:
+        """Layers of the backbone as pretrained, also after early exit cut it."""
+        fitted = (self.fit_summary or {}).get("num_layers") or 0
+        return max(self.backbone_num_layers or 0, fitted, self.text_config.num_hidden_layers)
 
     @property
     def num_selected_features(self) -> int | None:

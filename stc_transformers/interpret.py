@@ -233,7 +233,7 @@ def stc_report(model) -> STCReport:
     names = model.feature_names()
     counts = kept_counts(model)
     exit_layer = config.exit_layer
-    num_layers = max(summary.get("num_layers") or 0, config.text_config.num_hidden_layers, exit_layer + 1)
+    num_layers = max(config.num_backbone_layers, exit_layer + 1)
 
     pairs = list(dict.fromkeys((s, p) for s, p, _ in counts))
     pairs += [(s, p) for s in chosen.get("sources") or config.sources for p in chosen.get("poolings") or config.poolings]
@@ -307,9 +307,9 @@ def _prediction(task: str, logits: torch.Tensor, labels: list[str]):
     if task == "regression":
         values = logits.tolist()
         return (values[0] if len(values) == 1 else values), list(range(len(values)))
-    if task == "multi_label_classification":
-        chosen = (logits > 0).nonzero().flatten().tolist() or [int(logits.argmax())]
-        return [labels[i] for i in chosen], chosen
+    if task == "multi_label_classification":  # every label with a positive logit; none may be
+        chosen = (logits > 0).nonzero().flatten().tolist()
+        return [labels[i] for i in chosen], chosen or [int(logits.argmax())]  # explain the likeliest when none
     best = int(logits.argmax())
     return labels[best], [best]
 
@@ -322,8 +322,8 @@ def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None 
     if isinstance(texts, (str, tuple, dict)):
         texts = [texts]
     texts = check_texts(texts)
-    if top_k < 1:
-        raise ValueError(f"`top_k` must be >= 1, got {top_k}.")
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"`top_k` and `batch_size` must be >= 1, got {top_k} and {batch_size}.")
     if tokenizer.pad_token is None and len(texts) > 1:
         prepare_tokenizer(tokenizer)
     names = model.feature_names()
@@ -338,7 +338,9 @@ def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None 
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            batch = encode(tokenizer, chunk, padding=True, truncation=True, max_length=max_length,
+            # a model reading long texts in chunks sees them whole, as in `pipeline`
+            whole = model.config.long_input_chunks and max_length is None
+            batch = encode(tokenizer, chunk, padding=True, truncation=not whole, max_length=max_length,
                            return_tensors="pt")
             inputs = {k: v.to(model.device) for k, v in batch.items()
                       if k in ("input_ids", "attention_mask", "token_type_ids")}

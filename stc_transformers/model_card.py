@@ -129,21 +129,22 @@ def _eval_results(metric_rows, dataset) -> list[EvalResult]:
 
 def _selection(model) -> dict:
     """Kept neurons per layer and (source, pooling), and one sentence saying how much of the backbone is read."""
-    config, summary = model.config, model.config.fit_summary or {}
+    config = model.config
     counts = kept_counts(model)
     pairs = list(dict.fromkeys((s, p) for s, p, _ in counts))
     exit_layer = config.exit_layer
-    num_layers = max(summary.get("num_layers") or 0, config.text_config.num_hidden_layers, exit_layer + 1)
     num_features = sum(counts.values())
-    candidates = sum(getattr(model, "source_dims", {}).get(s, 0) for s, _ in pairs) * (exit_layer + 1)
     if config.selection is None:
         sentence = (f"The head is dense: it reads all {num_features} pooled features of every layer "
                     "(the model has not been sparsified).")
     else:
-        share = f" ({100 * num_features / candidates:.1f}%)" if candidates else ""
+        report = stc_report(model)  # the report's counts: the card and `stc report` say the same
+        num_layers, candidates = report.num_layers, report.num_candidates
+        read = f"{num_features} of {candidates} neurons ({100 * num_features / candidates:.1f}%)" if candidates \
+            else f"{num_features} neurons"
         stop = (f"stops the backbone after layer {exit_layer} of 0-{num_layers - 1} (early exit)"
                 if exit_layer < num_layers - 1 else f"runs all {num_layers} layers of the backbone")
-        sentence = f"It reads {num_features} of {candidates} neurons{share} from layers 0-{exit_layer} and {stop}."
+        sentence = f"It reads {read} from layers 0-{exit_layer} and {stop}."
     layer_rows = []
     for layer in range(exit_layer + 1):
         per_pair = [counts[(s, p, layer)] for s, p in pairs]

@@ -580,6 +580,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         if keep >= total:
             return self
         del self.layer_map.layers[keep:]
+        self.config.backbone_num_layers = self.config.num_backbone_layers  # the depth as pretrained, for reports
         for config in {id(c): c for c in (self.config.text_config, self.backbone.config)}.values():
             for name, value in list(vars(config).items()):  # per-layer lists (e.g. `layer_types`) lose the rest
                 per_layer = name != "architectures" and "token_id" not in name  # not e.g. a list of EOS ids

@@ -226,6 +226,17 @@ def test_report_prints_summary_and_writes_plots(fitted, capsys, tmp_path):
         assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
 
 
+def test_report_needs_no_tokenizer(capsys, tmp_path):
+    """A checkpoint saved without its tokenizer (e.g. `model.save_pretrained` after `sparsify`) reports fine."""
+    model = STCModelTester().model("bert")
+    with torch.no_grad():
+        model.head.classifier.weight.normal_()
+    model.sparsify(0.5).save_pretrained(tmp_path / "sparse")
+    code, out, err = run(capsys, "report", "--model", tmp_path / "sparse", "--plots-dir", tmp_path / "plots")
+    assert code == 0, err
+    assert "neurons kept" in out and (tmp_path / "plots" / "stc_kept_neurons.png").exists()
+
+
 def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sample(backbone, capsys, tmp_path):
     """A single file has no validation split (seeded internal split); --max-train-samples; then `evaluate` on the
     shipped sample through its built-in name (same label names: negative / positive)."""

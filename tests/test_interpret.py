@@ -145,9 +145,26 @@ def test_explain_multi_label_and_regression(tokenizer, problem_type, num_labels)
         assert len(explanation.top_neurons) == 3
     else:
         expected = [explanation.labels[i] for i in (logits > 0).nonzero().flatten().tolist()]
-        assert explanation.prediction == (expected or [explanation.labels[int(logits.argmax())]])
-        assert set(explanation.to_frame()["label"]) == set(explanation.prediction)
-        assert len(explanation.top_neurons) == 3 * len(explanation.prediction)
+        assert explanation.prediction == expected
+        explained = expected or [explanation.labels[int(logits.argmax())]]  # none predicted: the likeliest
+        assert set(explanation.to_frame()["label"]) == set(explained)
+        assert len(explanation.top_neurons) == 3 * len(explained)
+        with torch.no_grad():
+            model.head.classifier.bias.fill_(-50.0)  # every logit negative: no label is predicted
+        explanation = explain(model, tokenizer, TEXTS[:1], top_k=3)[0]
+        assert max(explanation.logits) < 0 and explanation.prediction == []
+        assert len(explanation.top_neurons) == 3
+
+
+def test_explain_reads_long_texts_whole_when_the_model_chunks_them(tokenizer):
+    """With `long_input_chunks`, explain sees the whole text, as the model and `pipeline` do."""
+    model = fitted_model()
+    model.config.long_input_chunks, model.config.chunk_overlap = True, 4
+    model._window = 16
+    text = " ".join(f"w{i % 90 + 3}" for i in range(70))  # past both the window and the tokenizer's 64
+    explanation = explain(model, tokenizer, [text])[0]
+    expected = model(**tokenizer([text], return_tensors="pt")).logits[0]
+    assert explanation.logits == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,6 +223,19 @@ def test_plots_are_png(model, tmp_path):
 
 
 def test_report_without_fit_summary(tmp_path):
+    """A model sparsified by hand (no fit summary) still reports the backbone's depth before the early exit,
+    also after a save/load round trip, and the card says the same."""
+    from stc_transformers.model_card import make_model_card
+
+    model = fitted_model(summary=False, num_layers=4)
+    model.save_pretrained(tmp_path / "saved")
+    for current in (model, type(model).from_pretrained(tmp_path / "saved")):
+        report = stc_report(current)
+        assert report.num_layers == 4 and report.exit_layer == 2
+        assert "of 4" in report.summary()
+        card = str(make_model_card(current))
+        assert "stops the backbone after layer 2 of 0-3 (early exit)" in card
+        assert f"reads {report.num_features} of {report.num_candidates} neurons" in card
     model = fitted_model(summary=False)
     report = stc_report(model)
     assert report.layer_scores == {} and report.validation_score is None
@@ -240,6 +270,9 @@ def test_bad_arguments(model, tokenizer):
         explain(model, tokenizer, ["w1", " "])
     with pytest.raises(ValueError, match="top_k"):
         explain(model, tokenizer, TEXTS, top_k=0)
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            explain(model, tokenizer, TEXTS, batch_size=size)
 
 
 def test_model_methods_need_the_package(model, tokenizer, monkeypatch):
