@@ -17,6 +17,7 @@ sum in an order that depends on it).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from .modeling_stc import feature_groups, group_size
 from .tokenization import LengthSortedBatches
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 COMMIT_SECONDS = 30.0  # default interval between flushes of the cache to disk
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
@@ -85,13 +86,32 @@ def _as_pair(text) -> tuple | None:
 
 
 def model_fingerprint(model) -> str:
-    """Cheap identity of a backbone: its config and a sample of every parameter (catches fine-tuned weights)."""
+    """Identity of a backbone: its config and, per parameter, its dtype, shape, float64 sum and sum of squares and
+    an evenly strided sample. Fine-tuned weights, a few edited rows of an embedding or a cast to another dtype all
+    change it; the sums run on the parameter's device, in slices."""
     digest = hashlib.sha256(model.config.text_config.to_json_string(use_diff=False).encode())
-    for name, param in model.backbone.named_parameters():
-        sample = param.detach().reshape(-1)[:256].float().cpu().numpy()
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(sample.tobytes())
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            flat = param.detach().reshape(-1)
+            sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+            for part in flat.split(1 << 22):
+                part = part.double()
+                sums += torch.stack([part.sum(), part.square().sum()])
+            sample = flat[:: max(1, flat.numel() // 4096)].float()
+            digest.update(f"{name} {param.dtype} {tuple(param.shape)}".encode())
+            digest.update(sums.cpu().numpy().tobytes())
+            digest.update(sample.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokens_fingerprint(batches: LengthSortedBatches) -> str:
+    """Identity of what the backbone reads: every text's token ids (and token types), as tokenized."""
+    digest = hashlib.sha256()
+    for column in batches.columns:
+        digest.update(column.encode())
+        values = batches.encodings[column]
+        digest.update(np.asarray([len(row) for row in values], dtype=np.int64).tobytes())
+        digest.update(np.concatenate([np.asarray(row, dtype=np.int64) for row in values]).tobytes())
     return digest.hexdigest()
 
 
@@ -168,6 +188,25 @@ class FeatureCache:
         os.replace(tmp, self.path / "meta.json")
 
 
+def _reserve_disk(file: Path, meta: dict) -> None:
+    """Allocate a cache file's blocks now: a memory-mapped file is sparse, and a disk that fills while the pages are
+    written kills the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):  # not on macOS / Windows
+        return
+    size = file.stat().st_size
+    with open(file, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
+                return
+            total = sum(b["num_layers"] * b["dim"] for b in meta["blocks"]) * meta["num_texts"] * 4
+            raise OSError(
+                error.errno, f"No room for the feature cache in {file.parent} (it needs {total / 1e9:.2f} GB): free "
+                "disk space, or give `cache_dir=` (`--cache-dir`) on a larger disk"
+            ) from error
+
+
 def _open_cache(path: Path, meta: dict) -> FeatureCache:
     """Open an existing cache with the same fingerprint, or create empty arrays for a new one."""
     meta_file = path / "meta.json"
@@ -180,6 +219,7 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
     for block in meta["blocks"]:
         shape = (block["num_layers"], meta["num_texts"], block["dim"])
         array = np.lib.format.open_memmap(path / f"{block['source']}_{block['pooling']}.npy", "w+", np.float32, shape)
+        _reserve_disk(Path(array.filename), meta)
         del array
     cache = FeatureCache(path, meta)
     cache.save_meta()
@@ -201,8 +241,8 @@ def extract_features(
 ) -> FeatureCache:
     """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
 
-    `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model, tokenizer
-    settings, texts) is reused; an unfinished one resumes at the first uncommitted batch. Progress is committed
+    `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model weights, the
+    texts' token ids, padding, batching) is reused; an unfinished one resumes at the first uncommitted batch. Progress is committed
     (flushed to disk) every `commit_every` batches, by default every 30 seconds of work.
 
     `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
@@ -228,7 +268,8 @@ def extract_features(
         "version": CACHE_VERSION,
         "model": model_fingerprint(model),
         "texts": texts_fingerprint(texts),
-        "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.padding_side, max_length],
+        "tokens": tokens_fingerprint(batches),  # any change of vocabulary, truncation side or max_length
+        "tokenizer": [type(tokenizer).__name__, tokenizer.padding_side, tokenizer.pad_token_id],
         "blocks": blocks,
         "batch_size": batch_size,
         "chunks": [model.config.long_input_chunks, model.config.chunk_overlap],

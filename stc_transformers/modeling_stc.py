@@ -317,11 +317,12 @@ class STCForSequenceClassification(STCPreTrainedModel):
         self._causal = is_causal_backbone(self.config.text_config)
         self._backbone_arguments = set(inspect.signature(self.backbone.forward).parameters)
         self._window = backbone_window(self.backbone)
-        # Count positions from the first real token (as `generate` does) wherever the backbone takes position ids
-        # and does not derive them from the ids itself (RoBERTa): left padding then gives the features of no padding.
-        self._positions_from_mask = (
-            "position_ids" in self._backbone_arguments and ids_position_table(self.backbone) is None
-        )
+        # Count positions from the first real token (as `generate` does) wherever the backbone takes position ids:
+        # left padding then gives the features of no padding. RoBERTa-style backbones number real tokens after their
+        # padding index from the ids (`!= padding_idx`); counted from the mask instead, any pad token works.
+        self._positions_from_mask = "position_ids" in self._backbone_arguments
+        table = ids_position_table(self.backbone)
+        self._position_padding_idx = None if table is None else table.padding_idx
         self._first_position = None  # read at the first forward: buffers are still on the meta device here
 
     @classmethod
@@ -431,13 +432,16 @@ class STCForSequenceClassification(STCPreTrainedModel):
             if "use_cache" in accepted:
                 backbone_inputs["use_cache"] = False
             if self._positions_from_mask and "position_ids" not in backbone_inputs:
-                # tokens count from the first real one: the backbone's own positions for right padding, shifted
-                # past left padding
-                leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)
-                positions = torch.arange(attention_mask.shape[1], device=attention_mask.device) - leading
-                if self._first_position is None:
-                    self._first_position = first_position_id(self.backbone)
-                backbone_inputs["position_ids"] = positions.clamp(min=0) + self._first_position
+                real = attention_mask.long()
+                if self._position_padding_idx is not None:  # RoBERTa's numbering, from the mask: padding_idx + 1, ...
+                    positions = real.cumsum(-1) * real + self._position_padding_idx
+                else:  # from the first real token: the backbone's own positions for right padding, shifted past left
+                    leading = (real.cumsum(-1) == 0).sum(-1, keepdim=True)
+                    positions = torch.arange(real.shape[1], device=real.device) - leading
+                    if self._first_position is None:
+                        self._first_position = first_position_id(self.backbone)
+                    positions = positions.clamp(min=0) + self._first_position
+                backbone_inputs["position_ids"] = positions
             try:
                 self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
             except (IndexError, RuntimeError) as error:  # position tables / buffers indexed past their end

@@ -161,6 +161,23 @@ def test_decoder_batches_match_single_texts(tester, arch, padding_side):
     torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_roberta_positions_do_not_depend_on_the_pad_token(padding_side):
+    """RoBERTa numbers positions from the ids (`!= padding_idx`); STC counts them from the mask, so a tokenizer
+    padding with another token (EOS, as `prepare_tokenizer` gives decoder tokenizers) changes nothing."""
+    config = AutoConfig.for_model("roberta", vocab_size=99, **MORE_BACKBONES["roberta"][0])
+    torch.manual_seed(0)
+    model = STCForSequenceClassification(STCConfig(text_config=config.to_dict())).eval()
+    rows = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11])]
+    ids = torch.full((2, 5), 2)  # padded with id 2, not RoBERTa's padding index 1
+    mask = torch.zeros(2, 5, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(5 - len(row), 5) if padding_side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    single = torch.cat([model.pooled_features(row[None]) for row in rows])
+    torch.testing.assert_close(model.pooled_features(ids, mask), single, rtol=1e-4, atol=1e-5)
+
+
 def test_pipeline_with_labels_top_k_and_multi_label(tester, tmp_path):
     labels = {0: "neg", 1: "neu", 2: "pos"}
     model = tester.model("llama", num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})

@@ -470,14 +470,48 @@ def test_extraction_commits_by_time_by_default(tmp_path, monkeypatch):
     assert meta["batches_done"] == 3
 
 
-def test_cache_depends_on_weights(tmp_path):
+def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
+    """Any change of what the backbone computes or reads makes a new cache: all weights, a few rows of an
+    embedding far from its start, a cast to another dtype, another truncation side or max_length."""
     model = STCModelTester().model("bert")
     tokenizer = make_tiny_tokenizer()
-    first = extract_features(model, tokenizer, ["w1 w2", "w3"], tmp_path, progress=False)
+    texts = [" ".join(f"w{i}" for i in range(20)), "w3"]
+
+    def cache(**kwargs):
+        arguments = {"max_length": 8, **kwargs}
+        return extract_features(model, arguments.pop("tokenizer", tokenizer), texts, tmp_path, progress=False,
+                                **arguments).path
+
+    paths = [cache()]
+    assert cache() == paths[0]  # the same model and tokens: reused
     with torch.no_grad():
         model.backbone.embeddings.word_embeddings.weight.mul_(1.01)
-    second = extract_features(model, tokenizer, ["w1 w2", "w3"], tmp_path, progress=False)
-    assert first.path != second.path
+    paths.append(cache())
+    with torch.no_grad():
+        model.backbone.embeddings.word_embeddings.weight[90:].mul_(2)  # rows past any fixed-size prefix
+    paths.append(cache())
+    model.to(torch.bfloat16)
+    paths.append(cache())
+    model.to(torch.float32)  # bf16 values are exact in float32: only the dtype tells them apart
+    paths.append(cache())
+    left = make_tiny_tokenizer()
+    left.truncation_side = "left"
+    paths.append(cache(tokenizer=left))
+    paths.append(cache(max_length=9))
+    assert len(set(paths)) == len(paths)
+
+
+def test_a_full_disk_gives_an_error_before_any_work(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match=r"No room for the feature cache in .* GB\): free disk space, or give `cache_dir="):
+        extract_features(STCModelTester().model("bert"), make_tiny_tokenizer(), ["w1 w2", "w3"], tmp_path,
+                         progress=False)
 
 
 def test_small_validation_sets_are_joined_by_cross_validation(tmp_path):
