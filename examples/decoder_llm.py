@@ -29,11 +29,13 @@ from transformers import AutoTokenizer
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import smollm2_path
 from stc_transformers.data import load_movie_valence
+from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "outputs" / "decoder-smollm2-movie-valence"
+CARD = ROOT / "model_cards" / "decoder-smollm2-movie-valence.md"  # the card, also committed there
 FEATURE_CACHE = ROOT / "outputs" / ".feature_cache" / "decoder_llm"
 NUM_TRAIN, NUM_VALIDATION, NUM_TEST = 1200, 400, 400
 
@@ -59,6 +61,7 @@ def main():
     test_seconds = time.perf_counter() - tick
     summary = model.config.fit_summary
     trainer.save_model(str(OUTPUT))
+    copy_model_card(model, OUTPUT, CARD)
     shutil.rmtree(FEATURE_CACHE, ignore_errors=True)
 
     last = summary["num_layers"] - 1

@@ -32,11 +32,13 @@ from transformers import AutoTokenizer, pipeline
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import minilm_path
 from stc_transformers.data import load_bbc_news
+from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "outputs" / "multi-label-minilm-bbc-leads"
+CARD = ROOT / "model_cards" / "multi-label-minilm-bbc-leads.md"  # the card, also committed there
 FEATURE_CACHE = ROOT / "outputs" / ".feature_cache" / "multi_label"
 
 
@@ -80,6 +82,7 @@ def main():
     summary = model.config.fit_summary
     summary["backbone"] = "sentence-transformers/all-MiniLM-L6-v2"
     trainer.save_model(str(OUTPUT))
+    copy_model_card(model, OUTPUT, CARD)
     shutil.rmtree(FEATURE_CACHE, ignore_errors=True)
 
     chosen = summary["chosen"]

@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, pipeline
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import minilm_path
 from stc_transformers.data import load_rotten_tomatoes
-from stc_transformers.model_card import PLOT_NAME, make_model_card
+from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
 
@@ -98,10 +98,8 @@ def main():
         print(f"  {prediction['label']:>6} {prediction['score']:.3f}  {review}")
 
     # The same card, committed under model_cards/ with the plot next to it.
-    assert (OUTPUT / "README.md").is_file() and (OUTPUT / PLOT_NAME).is_file()
-    CARD.parent.mkdir(exist_ok=True)
-    shutil.copyfile(OUTPUT / PLOT_NAME, CARD.with_suffix(".png"))
-    make_model_card(model, plot_path=CARD.with_suffix(".png").name).save(CARD)
+    assert (OUTPUT / "README.md").is_file()
+    copy_model_card(model, OUTPUT, CARD)
     print(f"Model card: {(OUTPUT / 'README.md').relative_to(ROOT)}, copied to {CARD.relative_to(ROOT)}")
     print(f"Total time {time.perf_counter() - started:.0f} s")
 

@@ -25,11 +25,13 @@ from transformers import AutoTokenizer, pipeline
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import minilm_path
 from stc_transformers.data import load_movie_valence
+from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "outputs" / "regression-minilm-movie-valence"
+CARD = ROOT / "model_cards" / "regression-minilm-movie-valence.md"  # the card, also committed there
 FEATURE_CACHE = ROOT / "outputs" / ".feature_cache" / "regression"
 SNIPPETS = [
     "One of the most exhilarating films of the year.",
@@ -56,6 +58,7 @@ def main():
     summary = model.config.fit_summary
     summary["backbone"] = "sentence-transformers/all-MiniLM-L6-v2"
     trainer.save_model(str(OUTPUT))
+    copy_model_card(model, OUTPUT, CARD)
     shutil.rmtree(FEATURE_CACHE, ignore_errors=True)
 
     chosen = summary["chosen"]

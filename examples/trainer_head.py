@@ -27,10 +27,12 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, Traini
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import minilm_path
 from stc_transformers.data import load_sample_dataset
+from stc_transformers.model_card import copy_model_card
 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "outputs" / "trainer-head-minilm-sample"
+CARD = ROOT / "model_cards" / "trainer-head-minilm-sample.md"  # the card, also committed there
 
 
 def accuracy(prediction):
@@ -90,6 +92,7 @@ def main():
 
     model.save_pretrained(OUTPUT)  # the model card is written too (no per-layer plot: no search was run)
     tokenizer.save_pretrained(OUTPUT)
+    copy_model_card(model, OUTPUT, CARD)
     classifier = pipeline("text-classification", model=str(OUTPUT))
     print(f"\nSaved to {OUTPUT.relative_to(ROOT)}:",
           classifier("An absolute delight from beginning to end."),

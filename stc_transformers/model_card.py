@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -288,6 +289,19 @@ def save_model_card(model, directory, *, redraw_plot: bool = True, **card_kwargs
     return readme
 
 
+def copy_model_card(model, checkpoint_dir, card_path) -> Path:
+    """Write the model's card to `card_path` (e.g. a documentation folder), with the per-layer plot of the
+    checkpoint in `checkpoint_dir` copied next to it as `<card name>.png` when it has one."""
+    card_path = Path(card_path)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    plot, plot_path = Path(checkpoint_dir) / PLOT_NAME, None
+    if plot.is_file():
+        shutil.copyfile(plot, card_path.with_suffix(".png"))
+        plot_path = card_path.with_suffix(".png").name
+    make_model_card(model, plot_path=plot_path).save(card_path)
+    return card_path
+
+
 def prepare_upload(model, folder, repo_id: str, *, tags=None, token=None, revision=None) -> None:
     """Before `push_to_hub` uploads `folder`: regenerate the card for `repo_id`, unless the repository already has
     a README.md written by a person, which is then kept (the local card and plot are not uploaded)."""
@@ -304,4 +318,5 @@ def prepare_upload(model, folder, repo_id: str, *, tags=None, token=None, revisi
     save_model_card(model, folder, redraw_plot=False, repo_id=repo_id, tags=tags)
 
 
-__all__ = ["make_model_card", "save_model_card", "prepare_upload", "is_generated_card", "CARD_MARKER"]
+__all__ = ["make_model_card", "save_model_card", "copy_model_card", "prepare_upload", "is_generated_card",
+           "CARD_MARKER"]

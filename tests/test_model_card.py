@@ -9,7 +9,7 @@ from conftest import STCModelTester
 from huggingface_hub import ModelCard, metadata_load
 from test_interpret import PNG_SIGNATURE, fitted_model, make_fit_summary
 
-from stc_transformers.model_card import CARD_MARKER, PLOT_NAME, is_generated_card, make_model_card
+from stc_transformers.model_card import CARD_MARKER, PLOT_NAME, copy_model_card, is_generated_card, make_model_card
 
 
 SECTIONS = ["## Model details", "## Evaluation", "## Selected neurons", "## Hyperparameters", "## Usage",
@@ -90,6 +90,17 @@ def test_save_pretrained_writes_card_and_plot(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert "| validation | Accuracy | 0.9100 |" in (tmp_path / "README.md").read_text()
     model.config.fit_summary["chosen"]["validation_score"] = 0.87
+
+
+def test_copy_model_card_takes_the_plot_along(model, tmp_path):
+    model.save_pretrained(tmp_path / "checkpoint")
+    card = copy_model_card(model, tmp_path / "checkpoint", tmp_path / "docs" / "tiny.md")
+    text = card.read_text()
+    assert "](tiny.png)" in text and is_generated_card(text)
+    assert (tmp_path / "docs" / "tiny.png").read_bytes() == (tmp_path / "checkpoint" / PLOT_NAME).read_bytes()
+    bare = fitted_model(summary=False)  # no per-layer scores: no plot, no image link
+    bare.save_pretrained(tmp_path / "bare")
+    assert ".png" not in copy_model_card(bare, tmp_path / "bare", tmp_path / "docs" / "bare.md").read_text()
 
 
 def test_save_pretrained_keeps_a_user_written_readme(model, tmp_path):
