@@ -84,7 +84,9 @@ def main():
     print(f"\nDense head:  test accuracy {dense['test_accuracy']:.4f} with {model.head.classifier.in_features} "
           f"features, {model.config.text_config.num_hidden_layers} layers")
 
-    for eta in (0.9, 0.5):  # sparsify in place; the second call sparsifies the already sparse head further
+    # sparsify in place (a new, smaller head: a new Trainer would be needed to train it further); the second call
+    # sparsifies the already sparse head further
+    for eta in (0.9, 0.5):
         model.sparsify(eta)
         sparse = trainer.evaluate(tokenized["test"], metric_key_prefix="test")
         print(f"eta {eta:<4}     test accuracy {sparse['test_accuracy']:.4f} with {model.head.classifier.in_features} "

@@ -41,6 +41,7 @@ import zipfile
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 SAMPLE_FILE = Path(__file__).parent / "data" / "movie_valence_sample.jsonl"
@@ -286,21 +287,52 @@ def _file_builder(paths: list[str]) -> str:
     return builders.pop()
 
 
+def _split_specs(split) -> list[str]:
+    return [split] if isinstance(split, str) else list(split or [])
+
+
+def _split_names(specs: list[str]) -> list[str]:
+    """"train[:10%]" -> "train"; specs sharing a base name keep their whole spec as the name."""
+    bases = [re.split(r"[\[+]", spec)[0] for spec in specs]
+    return [base if bases.count(base) == 1 else spec for base, spec in zip(bases, specs)]
+
+
 def _as_dataset_dict(data, split) -> DatasetDict:
-    names = [split] if isinstance(split, str) else list(split or [])
+    """What `datasets.load_dataset(..., split=split)` returned (already sliced), as a DatasetDict."""
     if isinstance(data, DatasetDict):
-        return DatasetDict({name: data[name] for name in names}) if names else data
+        return data
     data = data if isinstance(data, list) else [data]  # load_dataset(split=[...]) returns a list
-    names = [re.split(r"[\[+]", name)[0] for name in names] or ["train"]  # "train[:10%]" -> "train"
-    return DatasetDict(dict(zip(names, data)))
+    return DatasetDict(dict(zip(_split_names(_split_specs(split)) or ["train"], data)))
+
+
+def _select_splits(data, split) -> DatasetDict:
+    """The splits (and slices, e.g. "train[:10%]" or "train+validation") of a built-in or `save_to_disk` dataset."""
+    data = data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+    specs = _split_specs(split)
+    out = {}
+    for name, spec in zip(_split_names(specs), specs):
+        instruction = datasets.ReadInstruction.from_spec(spec)
+        unknown = [part.splitname for part in instruction._relative_instructions if part.splitname not in data]
+        if unknown:
+            raise ValueError(f"Split {unknown[0]!r} not found; the data has splits {list(data)}.")
+        parts = [data[part.splitname].select(range(part.from_, part.to))
+                 for part in instruction.to_absolute({key: len(value) for key, value in data.items()})]
+        out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return DatasetDict(out) if specs else data
 
 
 def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | None,
                          text_pair_column: str | None = None, class_labels: bool = False) -> DatasetDict:
     """Rename the user's columns to ``text`` (and ``text_pair``) / ``label``; turn string labels (and with
-    `class_labels` any labels, e.g. star ratings 1-5) into a ``ClassLabel`` of sorted names."""
-    if label_column is not None and label_column in (text_column, text_pair_column):
-        raise ValueError(f"Column {label_column!r} cannot hold both the texts and the labels. "
+    `class_labels` any labels, e.g. star ratings 1-5) into a ``ClassLabel``.
+
+    The class names are the training split's, sorted (numbers in numeric order); a class that only another split
+    holds is appended to that split's names, so shared classes keep the training ids everywhere and the fit never
+    sees a class without training examples (evaluating on such a split then names the unknown class).
+    """
+    if text_column == text_pair_column or (label_column is not None and label_column in (text_column,
+                                                                                          text_pair_column)):
+        raise ValueError("The text, text pair and label columns must be three different columns. "
                          "Pass text_column=... / text_pair_column=... / label_column=... to choose them.")
     wanted = ({text_column: "text"} | ({text_pair_column: "text_pair"} if text_pair_column else {})
               | ({label_column: "label"} if label_column else {}))
@@ -316,23 +348,32 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
         clashing = [new for new in rename.values() if new in ds.column_names and new not in rename]
         out[name] = ds.remove_columns(clashing).rename_columns(rename)
     dd = DatasetDict(out)
-    label_types = {getattr(ds.features["label"], "dtype", None) for ds in dd.values()} if label_column else set()
-    if class_labels and label_types and not label_types <= {"string", "large_string"}:
-        if not all(isinstance(ds.features["label"], Value) for ds in dd.values()):
-            raise ValueError("`class_labels` reads a column of plain values (ints, strings) as class names.")
-        numbers = sorted(set().union(*(ds.unique("label") for ds in dd.values())) - {None})
-        dd = dd.cast_column("label", Value("string"))
-        label_types = {"string"}
-        order = [str(value) for value in numbers]  # numeric order (2 before 10), not the order of strings
-    else:
-        order = None
-    if label_types and label_types <= {"string", "large_string"}:
-        values = set().union(*(ds.unique("label") for ds in dd.values()))
-        if None in values:
-            split = next(name for name, ds in dd.items() if None in ds.unique("label"))
-            raise ValueError(f"The label column of split {split!r} holds missing values: drop or fill those rows.")
-        dd = dd.cast_column("label", ClassLabel(names=order or sorted(values)))
-    return dd
+    if not label_column:
+        return dd
+    for name, ds in dd.items():  # a file without the label column, loaded next to files with it, holds None
+        if ds.num_rows and all(label is None for label in ds["label"]):
+            raise ValueError(f"Split {name!r} has no labels (its label column is empty or missing). "
+                             "Pass text_column=... / text_pair_column=... / label_column=... to choose them.")
+    label_types = {getattr(ds.features["label"], "dtype", None) for ds in dd.values()}
+    strings = label_types <= {"string", "large_string"}
+    plain = all(isinstance(ds.features["label"], Value) for ds in dd.values())  # not ClassLabel, not lists
+    if not plain or not (strings or class_labels):
+        return dd
+    missing = next((name for name, ds in dd.items() if None in ds.unique("label")), None)
+    if missing is not None:
+        raise ValueError(f"The label column of split {missing!r} holds missing values: drop or fill those rows.")
+    train = "train" if "train" in dd else next(iter(dd))
+    base = sorted(dd[train].unique("label"))
+    out = {}
+    for name, ds in dd.items():
+        values = base + sorted(set(ds.unique("label")) - set(base))
+        if strings:
+            names = [str(value) for value in values]
+        else:  # numbers or booleans: named as Arrow writes them as strings, in numeric order
+            names = pa.array(values, type=ds.features["label"].pa_type).cast(pa.string()).to_pylist()
+            ds = ds.cast_column("label", Value("string"))
+        out[name] = ds.cast_column("label", ClassLabel(names=names))
+    return DatasetDict(out)
 
 
 def _check_has_rows(path: str) -> None:
@@ -355,30 +396,46 @@ def load_text_dataset(source, text_column: str = "text", label_column: str | Non
 
     ``source`` may be a built-in name (``"rotten_tomatoes_offline"``, ``"movie_valence"``,
     ``"bbc_news"``, ``"sample"``; ``kwargs`` go to its loader), a local csv/tsv/json/jsonl/parquet
-    file or a dict ``{split: file}``, a folder written by ``save_to_disk``, or anything else
+    file or a dict ``{split: file or list of files}``, a folder written by ``save_to_disk``, or anything else
     ``datasets.load_dataset`` accepts, such as a Hub dataset id or a local data folder
-    (``kwargs`` go to ``datasets.load_dataset``). ``split`` keeps only that split
-    (or list of splits). A dataset with only a ``train`` split is returned as it is.
-    String labels are encoded as a ``ClassLabel`` with sorted names; with ``class_labels=True`` other labels too
-    (e.g. star ratings 1-5 become classes "1".."5"). In csv/tsv files only empty cells are missing values ("NA" or
-    "None" are texts).
+    (``kwargs`` go to ``datasets.load_dataset``). ``split`` keeps only that split, or a list of splits, with
+    ``datasets`` slicing (``"train[:10%]"``, ``"train+validation"``) for every kind of source. A dataset with only a
+    ``train`` split is returned as it is.
+    String labels are encoded as a ``ClassLabel`` of the training split's sorted names; with ``class_labels=True``
+    other labels too (e.g. star ratings 1-5 become classes "1".."5"). In csv/tsv files only empty cells are missing
+    values ("NA" or "None" are texts) and text columns stay strings ("007" is not 7).
     """
+    texts = [column for column in (text_column, text_pair_column) if column]
     if isinstance(source, str) and source in BUILTIN_DATASETS:
-        data = BUILTIN_DATASETS[source](**kwargs)
+        data = _select_splits(BUILTIN_DATASETS[source](**kwargs), split)
     elif isinstance(source, dict) or Path(source).is_file():
-        files = {k: str(v) for k, v in source.items()} if isinstance(source, dict) else str(source)
-        paths = list(files.values()) if isinstance(files, dict) else [files]
+        files = ({k: [str(f) for f in v] if isinstance(v, (list, tuple)) else str(v) for k, v in source.items()}
+                 if isinstance(source, dict) else str(source))
+        paths = [f for v in (files.values() if isinstance(files, dict) else [files])
+                 for f in (v if isinstance(v, list) else [v])]
         for path in paths:
             _check_has_rows(path)
-        if any(p.lower().endswith(".tsv") for p in paths):
+        tabs = {path.lower().endswith(".tsv") for path in paths}
+        if tabs == {True, False}:
+            raise ValueError("csv and tsv files cannot be read together (one delimiter for all): convert one kind.")
+        if tabs == {True}:
             kwargs.setdefault("delimiter", "\t")
-        if _file_builder(paths) == "csv":  # pandas would read "NA", "None", "null", "nan" ... as missing
-            kwargs.setdefault("keep_default_na", False)
-            kwargs.setdefault("na_values", [""])
-        data = datasets.load_dataset(_file_builder(paths), data_files=files, split=split, **kwargs)
+        if _file_builder(paths) == "csv":
+            _csv_options(kwargs, texts)
+        data = _as_dataset_dict(datasets.load_dataset(_file_builder(paths), data_files=files, split=split, **kwargs),
+                                split)
     elif Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "state.json")):
-        data = datasets.load_from_disk(str(source))
+        data = _select_splits(datasets.load_from_disk(str(source)), split)
     else:  # a Hub dataset id (or a local folder of data files)
-        data = datasets.load_dataset(source, split=split, **kwargs)
-    return _standardize_columns(_as_dataset_dict(data, split), text_column, label_column, text_pair_column,
-                                class_labels)
+        if Path(source).is_dir() and any(Path(source).rglob("*.[ct]sv")):
+            _csv_options(kwargs, texts)
+        data = _as_dataset_dict(datasets.load_dataset(source, split=split, **kwargs), split)
+    return _standardize_columns(data, text_column, label_column, text_pair_column, class_labels)
+
+
+def _csv_options(kwargs: dict, text_columns: list[str]) -> None:
+    """pandas options for csv/tsv files: only empty cells are missing (not "NA", "None", "null", "nan", ...), and
+    text columns stay strings ("007" and "1e3" are texts, not numbers)."""
+    kwargs.setdefault("keep_default_na", False)
+    kwargs.setdefault("na_values", [""])
+    kwargs.setdefault("converters", {column: str for column in text_columns})

@@ -28,6 +28,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_stc import STCConfig, is_causal_backbone
@@ -42,7 +43,8 @@ from .features_stc import (
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-_IGNORED_KWARGS = ("output_attentions", "output_hidden_states", "num_items_in_batch", "use_cache")
+_ACCEPTED_KWARGS = ("num_items_in_batch", "use_cache", "return_dict")  # what Trainer / pipeline pass
+logger = logging.get_logger(__name__)
 
 
 def feature_groups(config: STCConfig, dims: dict[str, int]) -> list[dict]:
@@ -465,9 +467,12 @@ class STCForSequenceClassification(STCPreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor] | SequenceClassifierOutput:
-        unknown = set(kwargs) - set(_IGNORED_KWARGS)
-        if unknown:
-            raise TypeError(f"STCForSequenceClassification.forward got unexpected arguments {sorted(unknown)}.")
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            logger.warning_once("STCForSequenceClassification returns logits (and a loss) only, no hidden states or "
+                                "attentions: call `model.backbone(...)` for those.")
+        unknown = sorted(set(kwargs) - {*_ACCEPTED_KWARGS, "output_hidden_states", "output_attentions"})
+        if unknown:  # as transformers' classifiers: extra inputs (e.g. dataset columns a Trainer keeps) are ignored
+            logger.warning_once(f"STCForSequenceClassification.forward ignores the arguments {unknown}.")
         backbone_inputs = {
             name: value
             for name, value in (
@@ -495,11 +500,19 @@ class STCForSequenceClassification(STCPreTrainedModel):
         problem_type = self.config.problem_type
         labels = labels.to(logits.device)
         if problem_type == "single_label_classification":
-            labels = labels.view(-1).long()
-            if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+            labels = labels.view(-1)
+            if labels.is_floating_point() and not torch.equal(labels, labels.round()):
                 raise ValueError(
-                    f"Label ids must be in [0, {num_labels - 1}] for num_labels={num_labels}; got "
-                    f"min {labels.min().item()}, max {labels.max().item()}. Map your labels with `label2id`."
+                    "Single-label targets are class ids (integers); got fractional values. For regression targets "
+                    "set `problem_type='regression'` on the config."
+                )
+            labels = labels.long()
+            kept = labels[labels != -100]  # -100 marks rows without a label, as in transformers
+            if kept.numel() and (kept.min() < 0 or kept.max() >= num_labels):
+                raise ValueError(
+                    f"Label ids must be in [0, {num_labels - 1}] for num_labels={num_labels} (or -100 for rows "
+                    f"without a label); got min {kept.min().item()}, max {kept.max().item()}. Map your labels with "
+                    "`label2id`."
                 )
             loss = CrossEntropyLoss()(logits.view(-1, num_labels), labels)
         elif problem_type == "multi_label_classification":
@@ -549,7 +562,10 @@ class STCForSequenceClassification(STCPreTrainedModel):
 
     def sparsify(self, eta: float = 0.9, truncate: bool = True) -> "STCForSequenceClassification":
         """Keep, per (source, pooling, layer) group, the smallest neuron set reaching `eta` of the group's
-        importance (squared head weight summed over labels), shrink the head, and exit early."""
+        importance (squared head weight summed over labels), shrink the head, and exit early.
+
+        The head is a new module: to train it further, build a new `Trainer` (or optimizer); one made before still
+        holds the old head's parameters."""
         if not 0 < eta <= 1:
             raise ValueError(f"`eta` must be in (0, 1], got {eta}.")
         weight = self.head.classifier.weight.detach().float()

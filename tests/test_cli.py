@@ -455,7 +455,7 @@ BAD_INPUTS = [
      "stc evaluate: error: Data file {work}/empty.jsonl has no rows."),
     (["fit", "--model", "{backbone}", "--data", "{work}/train.csv", "--text-column", "review", "--label-column",
       "review", "--output-dir", "{tmp}/o"],
-     "stc fit: error: Column 'review' cannot hold both the texts and the labels. Choose them with --text-column / "
+     "stc fit: error: The text, text pair and label columns must be three different columns. Choose them with --text-column / "
      "--text-pair-column / --label-column."),
 ]
 

@@ -103,8 +103,10 @@ def test_load_split_files_string_labels_and_clashing_column(tmp_path):
     dd = load_text_dataset(files, text_column="body", label_column="sentiment", cache_dir=str(tmp_path / "hf"))
     assert list(dd) == ["train", "test"]
     assert dd["train"]["text"] == ["a", "b"]  # the old "text" column was replaced
-    assert dd["test"].features["label"].names == ["neg", "neu", "pos"]  # same names in every split
-    assert dd["test"]["label"] == [0, 1]
+    # the training split's classes keep their ids everywhere; a class only the test split holds comes after them,
+    # so the fit never sees a class without training examples
+    assert dd["train"].features["label"].names == ["neg", "pos"]
+    assert dd["test"].features["label"].names == ["neg", "pos", "neu"] and dd["test"]["label"] == [0, 2]
     only_test = load_text_dataset(files, text_column="body", label_column="sentiment", split="test", cache_dir=str(tmp_path / "hf"))
     assert list(only_test) == ["test"]
 
@@ -121,6 +123,48 @@ def test_sentence_pair_columns(tmp_path):
     with pytest.raises(ValueError, match=r"\['premise2'\] not found.*text_pair_column"):
         load_text_dataset(str(path), text_column="premise", text_pair_column="premise2", label_column="gold",
                           cache_dir=str(tmp_path / "hf"))
+
+
+def test_csv_texts_stay_texts_and_labels_become_classes_as_written(tmp_path):
+    """Number-like texts stay strings, "NA" / "None" are texts, float or bool labels become classes named as
+    written, also in a folder of csv files."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label,flag\n007,1.0,True\n1e3,2.0,False\nNA,10.0,True\nNone,2.0,True\n")
+    for source in (folder / "train.csv", folder):
+        dd = load_text_dataset(str(source), class_labels=True, cache_dir=str(tmp_path / "hf"))
+        assert dd["train"]["text"] == ["007", "1e3", "NA", "None"]
+        assert dd["train"].features["label"].names == ["1", "2", "10"] and dd["train"]["label"] == [0, 1, 2, 1]
+    flags = load_text_dataset(str(folder / "train.csv"), label_column="flag", class_labels=True,
+                              cache_dir=str(tmp_path / "hf"))
+    assert flags["train"].features["label"].names == ["false", "true"]
+
+
+@pytest.mark.parametrize("source,kwargs,match", [
+    ({"train": "a.csv", "test": "b.tsv"}, {}, "csv and tsv files cannot be read together"),
+    ("a.csv", {"text_pair_column": "text"}, "three different columns"),
+    ({"train": "a.csv", "test": "unlabelled.csv"}, {}, "Split 'test' has no labels"),
+])
+def test_ambiguous_file_sets_are_refused(tmp_path, source, kwargs, match):
+    (tmp_path / "a.csv").write_text("text,label\nw1,a\nw2,b\n")
+    (tmp_path / "b.tsv").write_text("text\tlabel\nw3\ta\n")
+    (tmp_path / "unlabelled.csv").write_text("text\nw4\n")
+    source = {k: str(tmp_path / v) for k, v in source.items()} if isinstance(source, dict) else str(tmp_path / source)
+    with pytest.raises(ValueError, match=match):
+        load_text_dataset(source, cache_dir=str(tmp_path / "hf"), **kwargs)
+
+
+def test_split_slices_for_every_kind_of_source(tmp_path):
+    sample = load_text_dataset("sample", split="train[:10%]")
+    assert list(sample) == ["train"] and sample["train"].num_rows == round(load_sample_dataset()["train"].num_rows / 10)
+    tiny_dataset(20).save_to_disk(str(tmp_path / "one"))
+    assert load_text_dataset(str(tmp_path / "one"), split="train[:25%]")["train"].num_rows == 5
+    path = tmp_path / "rows.csv"
+    tiny_dataset(20).to_pandas().to_csv(path, index=False)
+    halves = load_text_dataset(str(path), split=["train[:50%]", "train[50%:]"], cache_dir=str(tmp_path / "hf"))
+    assert {name: ds.num_rows for name, ds in halves.items()} == {"train[:50%]": 10, "train[50%:]": 10}
+    both = load_text_dataset({"train": [str(path), str(path)]}, cache_dir=str(tmp_path / "hf"))
+    assert both["train"].num_rows == 40
 
 
 def test_missing_column_error_lists_available_columns(tmp_path, reviews):

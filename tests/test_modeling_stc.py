@@ -488,6 +488,11 @@ def test_moe_and_state_space_backbones_use_hidden_states_only():
 
 def test_label_ids_out_of_range(tester):
     model = tester.model("bert", num_labels=3)
+    inputs, logits = tester.inputs(), model(**tester.inputs()).logits
+    ignored = model(**inputs, labels=torch.tensor([0, -100, 2])).loss  # -100: a row without a label
+    torch.testing.assert_close(ignored, torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 2])))
+    with pytest.raises(ValueError, match="class ids .*fractional.*problem_type='regression'"):
+        model(**inputs, labels=torch.tensor([0.6, 1.4, 1.0]))
     with pytest.raises(ValueError, match=r"Label ids must be in \[0, 2\]"):
         model(**tester.inputs(), labels=torch.tensor([0, 3, 1]))
     with pytest.raises(ValueError, match=r"Label ids must be in \[0, 2\]"):
@@ -528,9 +533,19 @@ def test_checkpoint_of_wrong_type(tester, tmp_path):
         STCForSequenceClassification.from_backbone_pretrained(tmp_path / "stc")
 
 
-def test_unexpected_forward_argument(tester):
-    with pytest.raises(TypeError, match="unexpected arguments"):
-        tester.model("bert")(**tester.inputs(), pixel_values=torch.zeros(1))
+def test_extra_forward_arguments_are_ignored_with_a_warning(tester):
+    """As transformers' classifiers: dataset columns a `Trainer` keeps (remove_unused_columns=False) are ignored;
+    asked-for hidden states are not returned, and the warning says so."""
+    from transformers.testing_utils import CaptureLogger
+
+    from stc_transformers import modeling_stc
+
+    model, inputs = tester.model("bert"), tester.inputs()
+    expected = model(**inputs).logits
+    with CaptureLogger(modeling_stc.logger) as captured:
+        logits = model(**inputs, row_index=torch.arange(3), output_hidden_states=True).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    assert "ignores the arguments ['row_index']" in captured.out and "no hidden states" in captured.out
 
 
 # ------------------------------------------------------------------------------------------------------------------
