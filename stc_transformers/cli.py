@@ -899,8 +899,8 @@ def cmd_push(args) -> int:
     except Exception as error:
         if not _is_network_error(error):
             raise
-        raise CLIError(f"Could not reach the Hugging Face Hub ({_one_line(error)}); {args.model} is unchanged. "
-                       "Check the connection (and HF_HUB_OFFLINE) and run `stc push` again.") from error
+        raise CLIError(f"Could not push to the Hugging Face Hub ({_one_line(error)}); {args.model} is unchanged. "
+                       "Check the connection (and HF_HUB_OFFLINE) and the token, then run `stc push` again.") from error
     url = getattr(commit, "commit_url", None)
     _say(f"Pushed {args.model} to https://huggingface.co/{args.repo_id}" + (f" (commit {url})" if url else "") + ".")
     _say(f"Use it with pipeline(\"text-classification\", model=\"{args.repo_id}\", trust_remote_code=True), or "

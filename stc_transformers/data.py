@@ -311,12 +311,11 @@ def _select_splits(data, split) -> DatasetDict:
     specs = _split_specs(split)
     out = {}
     for name, spec in zip(_split_names(specs), specs):
-        instruction = datasets.ReadInstruction.from_spec(spec)
-        unknown = [part.splitname for part in instruction._relative_instructions if part.splitname not in data]
-        if unknown:
-            raise ValueError(f"Split {unknown[0]!r} not found; the data has splits {list(data)}.")
-        parts = [data[part.splitname].select(range(part.from_, part.to))
-                 for part in instruction.to_absolute({key: len(value) for key, value in data.items()})]
+        try:
+            parts = datasets.ReadInstruction.from_spec(spec).to_absolute({k: len(v) for k, v in data.items()})
+        except ValueError as error:  # an unknown split name
+            raise ValueError(f"{error} (split {spec!r})") from error
+        parts = [data[part.splitname].select(range(part.from_, part.to)) for part in parts]
         out[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return DatasetDict(out) if specs else data
 

@@ -492,8 +492,9 @@ def test_push_without_a_connection_leaves_the_checkpoint_alone(fitted, capsys, m
     before = {p.name: p.stat().st_mtime_ns for p in fitted[0].iterdir()}
     code, out, err = run(capsys, "push", "--model", fitted[0], "--repo-id", "me/stc-cli", "--token", "hf_fake")
     assert code == 2 and out == ""
-    assert err == (f"stc push: error: Could not reach the Hugging Face Hub ([Errno -2] Name or service not known); "
-                   f"{fitted[0]} is unchanged. Check the connection (and HF_HUB_OFFLINE) and run `stc push` again.\n")
+    assert err == (f"stc push: error: Could not push to the Hugging Face Hub ([Errno -2] Name or service not known); "
+                   f"{fitted[0]} is unchanged. Check the connection (and HF_HUB_OFFLINE) and the token, then run "
+                   "`stc push` again.\n")
     assert {p.name: p.stat().st_mtime_ns for p in fitted[0].iterdir()} == before
 
 
