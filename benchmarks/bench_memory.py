@@ -63,7 +63,9 @@ def main(argv=None):
     rows = []
     for size in args.sizes:
         result = subprocess.run([sys.executable, "-c", CHILD, args.model, str(size), str(args.max_length)],
-                                capture_output=True, text=True, check=True)
+                                capture_output=True, text=True)
+        if result.returncode:  # the child's own error, not only its exit code
+            sys.exit(f"The fit of {size} texts failed (exit code {result.returncode}):\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     print(f"\n{'texts':>6s} {'fit s':>7s} {'peak anon MB':>13s} {'(before fit)':>13s} {'peak RSS MB':>12s} "

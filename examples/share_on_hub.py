@@ -23,6 +23,7 @@ The repository is created private unless `--public` is given. Same thing from th
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +62,11 @@ def fitted_checkpoint() -> Path:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Push a fitted STC classifier to the Hugging Face Hub.")
+    parser.add_argument("repo_id", nargs="?", default=None,
+                        help="user/repo-name (default: <your user name>/stc-minilm-rotten-tomatoes)")
+    parser.add_argument("--public", action="store_true", help="create the repository as public (default: private)")
+    args = parser.parse_args(argv)  # before anything is pushed: --help or a typo never uploads
     token = huggingface_hub.get_token()
     if token is None:
         print("No Hugging Face token found, so nothing was pushed. To share a model:\n"
@@ -73,15 +79,13 @@ def main(argv: list[str]) -> int:
 
     import stc_transformers  # noqa: F401  (registers the STC classes with the Auto classes)
 
-    public = "--public" in argv
-    names = [a for a in argv if not a.startswith("--")]
-    repo_id = names[0] if names else f"{huggingface_hub.whoami(token=token)['name']}/stc-minilm-rotten-tomatoes"
+    repo_id = args.repo_id or f"{huggingface_hub.whoami(token=token)['name']}/stc-minilm-rotten-tomatoes"
     checkpoint = fitted_checkpoint()
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     # weights + config + modeling files + model card (rewritten with the repository id in its usage snippet)
-    commit = model.push_to_hub(repo_id, private=not public, commit_message="Upload STC classifier")
+    commit = model.push_to_hub(repo_id, private=not args.public, commit_message="Upload STC classifier")
     # the tokenizer files, in a second commit
     with tempfile.TemporaryDirectory() as folder:
         files = tokenizer.save_pretrained(folder)

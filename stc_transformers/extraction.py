@@ -85,21 +85,33 @@ def _as_pair(text) -> tuple | None:
     return None
 
 
+def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
+    """Exact integer checksums of a tensor's bytes (read as 16-bit words): their sum, and their sum weighted by
+    position. Integer sums do not depend on the order of addition, so the thread count and the device do not
+    change them, as they would change a floating-point sum."""
+    data = tensor.detach().reshape(-1).contiguous().view(torch.uint8)
+    if data.numel() % 2:
+        data = torch.cat([data, data.new_zeros(1)])
+    words, total, weighted, step = data.view(torch.int16), 0, 0, 1 << 22
+    weights = torch.arange(min(step, words.numel()), device=words.device, dtype=torch.int32) % 65521 + 1
+    for number, start in enumerate(range(0, words.numel(), step)):
+        part = words[start : start + step]
+        total += int(part.sum(dtype=torch.int64))
+        # |word x weight| < 2^31: exact in int32; each slice weighted by its number
+        weighted += (number + 1) * int((part.to(torch.int32) * weights[: part.numel()]).sum(dtype=torch.int64))
+    return total, weighted
+
+
 def model_fingerprint(model) -> str:
-    """Identity of a backbone: its config and, per parameter, its dtype, shape, float64 sum and sum of squares and
-    an evenly strided sample. Fine-tuned weights, a few edited rows of an embedding or a cast to another dtype all
-    change it; the sums run on the parameter's device, in slices."""
+    """Identity of a backbone: its config and, per parameter, its dtype, shape, exact checksums of its bytes and an
+    evenly strided sample. Fine-tuned weights, a few edited rows of an embedding or a cast to another dtype all
+    change it; the thread count and the device do not (a cache written by several processes is reused by one)."""
     digest = hashlib.sha256(model.config.text_config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, param in model.backbone.named_parameters():
             flat = param.detach().reshape(-1)
-            sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
-            for part in flat.split(1 << 22):
-                part = part.double()
-                sums += torch.stack([part.sum(), part.square().sum()])
             sample = flat[:: max(1, flat.numel() // 4096)].float()
-            digest.update(f"{name} {param.dtype} {tuple(param.shape)}".encode())
-            digest.update(sums.cpu().numpy().tobytes())
+            digest.update(f"{name} {param.dtype} {tuple(param.shape)} {_checksums(param)}".encode())
             digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()
 

@@ -484,6 +484,12 @@ def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
 
     paths = [cache()]
     assert cache() == paths[0]  # the same model and tokens: reused
+    threads = torch.get_num_threads()
+    try:  # processes of an accelerate run have one thread each: their cache is the same one
+        torch.set_num_threads(1)
+        assert cache() == paths[0]
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         model.backbone.embeddings.word_embeddings.weight.mul_(1.01)
     paths.append(cache())
