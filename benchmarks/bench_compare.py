@@ -156,6 +156,9 @@ def main(argv=None):
         results.update(finetune_and_stc(path, tokenizer, train, validation, test, out, args,
                                         stc if "stc" in methods else None))
 
+    if not results:
+        print("No method ran: nothing to compare.")
+        return results
     print(f"\n{args.model} on {args.data}: train {len(train)}, validation {len(validation)}, test {len(test)}")
     print(f"{'method':36s} {'accuracy':>9s} {'macro_f1':>9s} {'fit s':>8s}")
     for name, row in results.items():

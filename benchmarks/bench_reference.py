@@ -165,7 +165,8 @@ def summarize(reports) -> dict:
         summary[split] = {"mean_difference": round(float(diff.mean()), 4), "standard_error": round(float(error), 4),
                           "better": int((diff > 0).sum()), "equal": int((diff == 0).sum()),
                           "worse": int((diff < 0).sum())}
-        print(f"{split}: ours - reference = {diff.mean():+.4f} +- {error:.4f} (standard error over {len(diff)} runs); "
+        spread = f"+- {error:.4f} (standard error over {len(diff)} runs)" if len(diff) > 1 else "(one run)"
+        print(f"{split}: ours - reference = {diff.mean():+.4f} {spread}; "
               f"better {summary[split]['better']}, equal {summary[split]['equal']}, worse {summary[split]['worse']}")
     speed = [r["seconds"]["per-layer L1 probes"]["reference"] / r["seconds"]["per-layer L1 probes"]["ours"]
              for r in reports]
