@@ -71,57 +71,30 @@ class _Formatter(argparse.HelpFormatter):
         return "\n\n".join(paragraphs)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(name: str, cast, valid, expected: str):
+    """An argparse type: `cast(text)`, refused with "must be <expected>, got <text>" unless `valid(value)`."""
+
+    def check(text: str):
+        value = cast(text)
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    check.__name__ = name  # argparse names the type in "invalid <name> value"
+    return check
+
+
+_positive_int = _checked("_positive_int", int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked("_non_negative_int", int, lambda v: v >= 0, ">= 0")
+_folds = _checked("_folds", int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2")
+_fraction = _checked("_fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")
+_open_fraction = _checked("_open_fraction", float, lambda v: 0 < v < 1, "in (0, 1)")
+_positive_float = _checked("_positive_float", float, lambda v: v > 0, "> 0")
+_non_negative_float = _checked("_non_negative_float", float, lambda v: v >= 0, ">= 0")
 
 
 def _spaced(values) -> str:
     return " ".join(f"{v:g}" for v in values)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _open_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _folds(text: str) -> int:
-    value = int(text)
-    if value == 1 or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2, got {text}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -726,7 +699,7 @@ def _labels_for_model(model, dataset):
     from .trainer import LabelEncoder, _plain
 
     labels = [_plain(label) for label in dataset["label"]]
-    encoder = LabelEncoder.for_model(model.config, labels)
+    encoder = LabelEncoder.for_model(model, labels)
     return encoder.encode(labels, dataset.features["label"]).numpy(), encoder.task
 
 

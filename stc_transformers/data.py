@@ -350,7 +350,7 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
     if not label_column:
         return dd
     for name, ds in dd.items():  # a file without the label column, loaded next to files with it, holds None
-        if ds.num_rows and all(label is None for label in ds["label"]):
+        if ds.num_rows and ds.data.column("label").null_count == ds.num_rows:
             raise ValueError(f"Split {name!r} has no labels (its label column is empty or missing). "
                              "Pass text_column=... / text_pair_column=... / label_column=... to choose them.")
     label_types = {getattr(ds.features["label"], "dtype", None) for ds in dd.values()}
@@ -358,14 +358,14 @@ def _standardize_columns(dd: DatasetDict, text_column: str, label_column: str | 
     plain = all(isinstance(ds.features["label"], Value) for ds in dd.values())  # not ClassLabel, not lists
     if not plain or not (strings or class_labels):
         return dd
-    missing = next((name for name, ds in dd.items() if None in ds.unique("label")), None)
+    uniques = {name: ds.unique("label") for name, ds in dd.items()}  # one pass over each split's labels
+    missing = next((name for name, values in uniques.items() if None in values), None)
     if missing is not None:
         raise ValueError(f"The label column of split {missing!r} holds missing values: drop or fill those rows.")
-    train = "train" if "train" in dd else next(iter(dd))
-    base = sorted(dd[train].unique("label"))
+    base = sorted(uniques["train" if "train" in dd else next(iter(dd))])
     out = {}
     for name, ds in dd.items():
-        values = base + sorted(set(ds.unique("label")) - set(base))
+        values = base + sorted(set(uniques[name]) - set(base))
         if strings:
             names = [str(value) for value in values]
         else:  # numbers or booleans: named as Arrow writes them as strings, in numeric order

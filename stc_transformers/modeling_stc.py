@@ -43,7 +43,7 @@ from .features_stc import (
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-_ACCEPTED_KWARGS = ("num_items_in_batch", "use_cache", "return_dict")  # what Trainer / pipeline pass
+_ACCEPTED_KWARGS = ("num_items_in_batch", "use_cache")  # what Trainer / pipeline pass (return_dict: the decorator)
 logger = logging.get_logger(__name__)
 
 

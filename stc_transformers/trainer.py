@@ -24,6 +24,7 @@ from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 from tqdm.auto import tqdm
 
 from .extraction import check_texts, distributed_state, extract_features
+from .interpret import label_names, problem_type
 from .metrics import compute_metrics
 from .selection import METRIC_NAMES, SearchSettings, SelectionSearch
 from .tokenization import LengthSortedBatches, prepare_tokenizer
@@ -227,12 +228,12 @@ class LabelEncoder:
         return cls("multi_label_classification", list(names), len(names))
 
     @classmethod
-    def for_model(cls, config, labels: list) -> "LabelEncoder":
+    def for_model(cls, model, labels: list) -> "LabelEncoder":
         """The encoder of a fitted model's labels (`id2label`, `problem_type`), for data it was not fitted on."""
-        task = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+        config, task = model.config, problem_type(model)
         if task == "regression":
             return cls(task, None, config.num_labels)
-        names = [config.id2label[i] for i in range(config.num_labels)]
+        names = label_names(model)
         vectors = False
         if task == "multi_label_classification":
             summary = getattr(config, "fit_summary", None) or {}
@@ -442,10 +443,9 @@ class STCTrainer:
                 "The tokenizer has no template for text pairs (as most decoder LLMs): it joins the two texts with "
                 "nothing between them. Join them yourself into one text with a separator (e.g. "
                 "'Premise: ...\nHypothesis: ...') to keep them apart.", stacklevel=2)
-        config = self.model.config
-        names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
-        self.encoder = LabelEncoder.fit(labels, feature, config.problem_type,
-                                        None if names is None or _default_names(names) else names)
+        names = label_names(self.model)  # class names set on the config before the fit count, defaults do not
+        self.encoder = LabelEncoder.fit(labels, feature, self.model.config.problem_type,
+                                        None if _default_names(names) else names)
         y = self.encoder.encode(labels)
         if self.eval_dataset is not None:
             val_texts, val_labels, val_feature = _columns(self.eval_dataset, args)
@@ -558,7 +558,7 @@ class STCTrainer:
                                 batch_size=self.args.batch_size, progress=self.args.progress)
         label_ids, metrics = None, None
         if labels is not None:
-            encoder = self.encoder or LabelEncoder.for_model(self.model.config, labels)
+            encoder = self.encoder or LabelEncoder.for_model(self.model, labels)
             label_ids = encoder.encode(labels, feature).numpy()
             metrics = compute_metrics(logits, label_ids, self.model.config.problem_type)
         return PredictionOutput(logits, label_ids, metrics)
