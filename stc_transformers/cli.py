@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cv-folds", type=_folds, default=SEARCH_DEFAULTS["cv_folds"],
                         help="cross-validation folds of the training sample scored with a small validation set "
                              "(0: validation set alone)")
-    search.add_argument("--cv-below", type=_positive_int, default=SEARCH_DEFAULTS["cv_below"],
-                        help="validation sets with fewer rows than this are joined by cross-validation")
+    search.add_argument("--cv-below", type=_non_negative_int, default=SEARCH_DEFAULTS["cv_below"],
+                        help="validation sets with fewer rows than this are joined by cross-validation (0: never)")
     fit.set_defaults(handler=cmd_fit)
 
     # ---- evaluate
@@ -494,8 +494,9 @@ def _model_exists_or_hub_id(name: str) -> None:
 
 
 def load_stc(name: str, *, device: str | None = None, tokenizer: bool = True):
-    """A fitted STC checkpoint and its tokenizer (None with `tokenizer=False`; clear errors for other
-    checkpoints)."""
+    """A fitted STC checkpoint on `device` (default: cuda if available) and its tokenizer (None with
+    `tokenizer=False`; clear errors for other checkpoints)."""
+    import torch
     from transformers import AutoTokenizer
 
     from .modeling_stc import STCForSequenceClassification
@@ -522,9 +523,14 @@ def load_stc(name: str, *, device: str | None = None, tokenizer: bool = True):
             raise
         raise CLIError(f"Model {name!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
                        f"{_one_line(error)}") from error
-    if device is not None:
-        model.to(device)
-    return model.eval(), (AutoTokenizer.from_pretrained(name) if tokenizer else None)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not tokenizer:
+        return model.eval(), None
+    try:
+        return model.eval(), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"{name!r} has no usable tokenizer files ({_one_line(error)}): save the tokenizer next to the "
+                       "model (`tokenizer.save_pretrained(folder)`, as `STCTrainer.save_model` does).") from error
 
 
 def _saved_max_length(name: str):
@@ -717,6 +723,9 @@ def cmd_evaluate(args) -> int:
     model, tokenizer = load_stc(args.model, device=args.device)
     targets, task = _labels_for_model(model, dataset)
     max_length = args.max_length or _saved_max_length(args.model)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if max_length is None and not model.config.long_input_chunks and limit and limit < 1_000_000:
+        max_length = limit  # as `stc predict`: the tokenizer's limit
     tick = time.perf_counter()
     logits = predict_logits(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
                             progress=False)
@@ -857,7 +866,7 @@ def cmd_push(args) -> int:
         raise CLIError("No Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass --token.")
     if not Path(args.model).expanduser().is_dir():
         raise CLIError(f"Model folder {args.model!r} not found.")
-    model, tokenizer = load_stc(args.model)
+    model, tokenizer = load_stc(args.model, device="cpu")
     try:
         commit = model.push_to_hub(args.repo_id, token=token, private=args.private or None,
                                    commit_message=args.commit_message)
@@ -884,7 +893,7 @@ def cmd_push(args) -> int:
 def cmd_report(args) -> int:
     from .interpret import stc_report
 
-    model, _ = load_stc(args.model, tokenizer=False)  # the report reads the model alone
+    model, _ = load_stc(args.model, device="cpu", tokenizer=False)  # the report reads the model alone
     report = stc_report(model)
     _say(report.summary())
     if args.top_neurons > 0:

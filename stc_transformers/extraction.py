@@ -102,13 +102,36 @@ def _checksums(tensor: torch.Tensor) -> tuple[int, int]:
     return total, weighted
 
 
+def _stored_parameters(backbone):
+    """(name, values) of every parameter. Those that accelerate offloaded (`device_map` with "disk" or "cpu"
+    offload: the parameter is on the meta device) are read from the weights map of the module's hook."""
+    offloaded = {}
+    for prefix, module in backbone.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        for local, param in module.named_parameters(recurse=False):
+            if param.device.type == "meta" and weights is not None:
+                offloaded[f"{prefix}.{local}" if prefix else local] = weights[local]
+    for name, param in backbone.named_parameters():
+        values = offloaded.get(name, param)
+        if values.device.type == "meta":
+            raise ValueError(f"The backbone parameter {name} has no values (meta device): load the weights first.")
+        yield name, values
+
+
+def _autocast_state(device_type: str) -> str | None:
+    """The autocast dtype the backbone would run in on this device type, or None without autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return str(torch.get_autocast_dtype(device_type))
+
+
 def model_fingerprint(model) -> str:
     """Identity of a backbone: its config and, per parameter, its dtype, shape, exact checksums of its bytes and an
     evenly strided sample. Fine-tuned weights, a few edited rows of an embedding or a cast to another dtype all
     change it; the thread count and the device do not (a cache written by several processes is reused by one)."""
     digest = hashlib.sha256(model.config.text_config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, param in model.backbone.named_parameters():
+        for name, param in _stored_parameters(model.backbone):
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)].float()
             digest.update(f"{name} {param.dtype} {tuple(param.shape)} {_checksums(param)}".encode())
@@ -285,6 +308,7 @@ def extract_features(
         "blocks": blocks,
         "batch_size": batch_size,
         "chunks": [model.config.long_input_chunks, model.config.chunk_overlap],
+        "autocast": _autocast_state(model.device.type),  # the pass runs in the caller's autocast, if any
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     meta = {

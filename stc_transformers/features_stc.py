@@ -4,7 +4,8 @@ Self-contained (only torch / transformers imports): the Hub copies this file nex
 who load a checkpoint with ``trust_remote_code=True``.
 
 Layers are the backbone's transformer blocks (``GradientCheckpointingLayer`` subclasses, or the one-block-per-layer
-ModuleList of models with plain blocks), numbered 0..L-1.
+ModuleList of models with plain blocks), numbered 0..L-1; a block that runs every layer (ALBERT) is layer k at its
+k-th call.
 For layer ``l``:
 
 * ``hidden``: the block's output (the residual stream after the block), captured by a forward hook on the block;
@@ -35,7 +36,9 @@ POOLINGS = ("mean", "max", "first", "last")
 _ATTENTION_NAME_PARTS = ("attn", "attention")
 _MOE_NAME_PARTS = ("expert", "moe", "router")
 # the usual names of an MLP's down-projection, for MLPs as wide as the hidden state (their shape does not tell)
-_DOWN_PROJECTION_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "output.dense", "lin2", "wo", "w2")
+_DOWN_PROJECTION_NAMES = (
+    "down_proj", "fc2", "c_proj", "dense_4h_to_h", "output.dense", "lin2", "wo", "w2", "ffn_output",
+)
 
 
 def check_names(values, allowed, what: str) -> tuple[str, ...]:
@@ -54,34 +57,52 @@ def check_names(values, allowed, what: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return (attribute path, ModuleList) of the backbone's transformer blocks.
+def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList, int]:
+    """Return (attribute path, ModuleList, layers per forward pass) of the backbone's transformer blocks.
 
     Blocks are `GradientCheckpointingLayer`s in most transformers v5 models. For the few whose blocks are plain
     modules (e.g. MPNet), the stack is the ModuleList of one block class with one entry per layer of the config.
+    A backbone that runs one block for every layer (ALBERT) gives a list of that one block: layer k is its k-th call.
     """
     modules = [(name, module) for name, module in backbone.named_modules() if isinstance(module, nn.ModuleList)]
     candidates = [
         (name, module) for name, module in modules
         if len(module) > 0 and all(isinstance(child, GradientCheckpointingLayer) for child in module)
     ]
+    num_layers = getattr(backbone.config.get_text_config(), "num_hidden_layers", None)
+    containers = (nn.ModuleList, nn.ModuleDict)  # a list of lists is a stack of stages, not of blocks
     if not candidates:
-        num_layers = getattr(backbone.config.get_text_config(), "num_hidden_layers", None)
-        containers = (nn.ModuleList, nn.ModuleDict)  # a list of lists is a stack of stages, not of blocks
         candidates = [
             (name, module) for name, module in modules
             if len(module) == num_layers and len({type(child) for child in module}) == 1
             and not isinstance(module[0], containers)
         ]
+        depth = min((name.count(".") for name, _ in candidates), default=None)
+        if len([name for name, _ in candidates if name.count(".") == depth]) > 1:
+            raise ValueError(
+                f"{type(backbone).__name__} keeps the parts of its layers in parallel lists "
+                f"({', '.join(name for name, _ in candidates if name.count('.') == depth)}), not one block per layer "
+                "whose output is the layer's output (e.g. XLM, FlauBERT). STC cannot hook it: it is not supported."
+            )
+    if not candidates and isinstance(num_layers, int) and num_layers > 1:
+        # one block reused for every layer: the outermost list holding a single block, if only one list is there
+        single = [(name, module) for name, module in modules
+                  if len(module) == 1 and not isinstance(module[0], containers)]
+        depth = min((name.count(".") for name, _ in single), default=None)
+        outermost = [item for item in single if item[0].count(".") == depth]
+        if len(outermost) == 1:
+            return (*outermost[0], num_layers)
     if not candidates:
         raise ValueError(
             f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
             "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
-            "blocks). Backbones that reuse one block for several layers (e.g. ALBERT) or group their layers into "
-            "stages (e.g. Funnel Transformer) are not supported."
+            "blocks) or one block run for every layer (ALBERT). Backbones that share several blocks between layers "
+            "(e.g. ALBERT with `num_hidden_groups > 1`) or group their layers into stages (e.g. Funnel Transformer) "
+            "are not supported."
         )
     # The outermost list is the stack of blocks (nested lists would be inside a block).
-    return min(candidates, key=lambda item: item[0].count("."))
+    path, layers = min(candidates, key=lambda item: item[0].count("."))
+    return path, layers, len(layers)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -139,22 +160,30 @@ def backbone_hidden_size(backbone: nn.Module) -> int:
 @dataclass(frozen=True)
 class LayerMap:
     """Where the hooks go: the block list and, per block, the MLP down-projection (None when not needed); `dims`
-    gives the width of each source (`hidden`, and `mlp` when the down-projections were found)."""
+    gives the width of each source (`hidden`, and `mlp` when the down-projections were found). `num_layers` is the
+    number of layers a forward pass runs: more than the blocks when one block is reused for every layer (`shared`).
+    """
 
     path: str
     layers: nn.ModuleList
     down_projections: tuple[nn.Module | None, ...]
     dims: dict[str, int]
+    num_layers: int
+    shared: bool  # one block runs every layer: layer k is its k-th call in a forward pass
+    pads_to_window: bool = False  # states come back padded at the end to a window multiple (Longformer, BigBird)
 
     @classmethod
     def build(cls, backbone: nn.Module, need_mlp: bool = True) -> "LayerMap":
-        path, layers = find_layer_list(backbone)
+        path, layers, num_layers = find_layer_list(backbone)
         hidden = backbone_hidden_size(backbone)
         downs = tuple(find_down_projection(layer, hidden) if need_mlp else None for layer in layers)
         dims = {"hidden": hidden}
         if need_mlp and downs:
             dims["mlp"] = _linear_shape(downs[0])[0]
-        return cls(path, layers, downs, dims)
+        config = backbone.config.get_text_config()
+        pads = getattr(config, "attention_window", None) is not None or \
+            getattr(config, "attention_type", None) == "block_sparse"
+        return cls(path, layers, downs, dims, num_layers, shared=num_layers > len(layers), pads_to_window=pads)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,21 +274,28 @@ class _StopForward(Exception):
 class _Capture:
     """Collects pooled features while a backbone runs; see `capture_pooled`."""
 
-    def __init__(self, mask, requests, neurons, dims):
+    def __init__(self, mask, requests, neurons, dims, num_layers, pads_to_window=False):
         self.mask = mask
+        self.pads_to_window = pads_to_window  # Longformer, BigBird: states come back longer, padded at the end
         self.dims = dims  # {source: features per token}
         self.spans = token_spans(mask)  # computed once per batch
         self.requests = requests  # {(source, layer): tuple of poolings}
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
+        self.num_layers = num_layers
+        self.blocks_done = 0  # block calls so far: the layer index of a reused block's next call
+        self.mlp_seen: set[int] = set()
+        self.blocks_seen: set[int] = set()
         self.stash: dict[int, torch.Tensor] = {}
         self.pooled: dict[tuple[str, str, int], torch.Tensor] = {}
         # Without gradients, MLP neurons are pooled in the down-projection's pre-hook while they are still in the
-        # processor's cache (with gradients: in the block's hook, outside activation checkpointing), and when the
-        # last layer read gives only MLP neurons the backbone stops there: the rest is never used.
+        # processor's cache (with gradients: in the block's hook, outside activation checkpointing), and the backbone
+        # stops once the last layer read has given its features (at its MLP down-projection when that layer gives
+        # only MLP neurons): the rest is never used.
         self.pool_early = not torch.is_grad_enabled()
-        last = max(layer for _, layer in requests) if requests else None
-        only_mlp = ("mlp", last) in requests and ("hidden", last) not in requests
-        self.stop_layer = last if only_mlp and self.pool_early else None
+        self.last = max(layer for _, layer in requests) if requests else None
+        only_mlp = ("mlp", self.last) in requests and ("hidden", self.last) not in requests
+        self.stop_layer = self.last if self.pool_early else None
+        self.mlp_stop_layer = self.last if only_mlp and self.pool_early else None
 
     def _pool_into(self, source, layer, states):
         batch, tokens = self.mask.shape
@@ -268,18 +304,20 @@ class _Capture:
         if states.dim() != 3:
             raise ValueError(
                 f"Layer {layer} gave a {states.dim()}-D {source} tensor; STC pools [batch, tokens, features] "
-                "tensors (unpadded/packed attention implementations are not supported: load the backbone with "
-                "`attn_implementation='sdpa'` or 'eager')."
+                "tensors. Backbones with several residual streams (hyper-connections) are not supported; nor are "
+                "unpadded/packed attention implementations (load the backbone with `attn_implementation='sdpa'` or "
+                "'eager')."
             )
         width = self.dims[source]
-        if states.shape[0] == batch and states.shape[1] > tokens and states.shape[2] == width:
-            states = states[:, :tokens]  # padded inside the backbone to a window multiple (Longformer, BigBird)
+        if self.pads_to_window and states.shape[0] == batch and states.shape[1] > tokens and states.shape[2] == width:
+            states = states[:, :tokens]  # padded at the end inside the backbone to a window multiple
         if states.shape != (batch, tokens, width):
             raise ValueError(
                 f"Layer {layer} gave a {source} tensor of shape {tuple(states.shape)} for a batch of {batch} texts "
                 f"of {tokens} tokens and {width} features: STC pools [batch, tokens, features] tensors, and this "
-                "backbone lays them out otherwise (sequence-first as in XLNet, channels-first as in SqueezeBERT, or "
-                "with tokens pooled between layers). It is not supported."
+                "backbone lays them out otherwise (sequence-first as in XLNet, channels-first as in SqueezeBERT, "
+                "with tokens pooled between layers, or with tokens of its own added, as CPM-Ant's prompt). It is not "
+                "supported."
             )
         index = self.neurons.get((source, layer))
         if index is not None:
@@ -290,30 +328,59 @@ class _Capture:
             pooled = pool(states, self.mask, method, self.spans)  # sliced: reads the states once, copies nothing
             self.pooled[(source, method, layer)] = pooled if index is None else pooled.index_select(-1, index)
 
-    def mlp_pre_hook(self, layer):
+    def mlp_pre_hook(self, layer=None):
+        """Pre-hook of a layer's MLP down-projection (`layer=None`: of a reused block, the layer it is running)."""
+
         def hook(module, args, kwargs=None):
+            index = self.blocks_done if layer is None else layer
+            if ("mlp", index) not in self.requests:
+                return
+            if index in self.mlp_seen:
+                raise ValueError(
+                    f"The MLP down-projection of layer {index} ran twice in one forward pass (a looped or "
+                    "recurrent-depth backbone): STC cannot tell its runs apart. It is not supported."
+                )
+            self.mlp_seen.add(index)
             if self.pool_early:
-                self._pool_into("mlp", layer, args[0])
-                if layer == self.stop_layer:
+                self._pool_into("mlp", index, args[0])
+                if index == self.mlp_stop_layer:
                     raise _StopForward
                 return
-            self.stash[layer] = args[0]
+            self.stash[index] = args[0]
 
         return hook
 
-    def layer_hook(self, layer):
+    def layer_hook(self, layer=None):
+        """Forward hook of a layer's block (`layer=None`: of the block reused for every layer, counting its calls)."""
+
         def hook(module, args, output):
+            index = layer
+            if layer is None:
+                index, self.blocks_done = self.blocks_done, self.blocks_done + 1
+                if index >= self.num_layers:
+                    raise ValueError(
+                        f"The reused block of this backbone ran more than num_hidden_layers={self.num_layers} times "
+                        "in one forward pass: STC cannot tell its layers apart. It is not supported."
+                    )
+            if index in self.blocks_seen:
+                raise ValueError(
+                    f"The block of layer {index} ran twice in one forward pass (a looped or recurrent-depth "
+                    "backbone): STC cannot tell its runs apart. It is not supported."
+                )
+            self.blocks_seen.add(index)
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if ("hidden", layer) in self.requests:
-                self._pool_into("hidden", layer, hidden)
-            if ("mlp", layer) in self.requests and not self.pool_early:
-                mlp = self.stash.pop(layer)
+            if ("hidden", index) in self.requests:
+                self._pool_into("hidden", index, hidden)
+            if ("mlp", index) in self.requests and not self.pool_early:
+                mlp = self.stash.pop(index)
                 if torch.is_grad_enabled() and hidden.requires_grad and not mlp.requires_grad:
                     raise RuntimeError(
                         "MLP activations were captured without gradient (reentrant activation checkpointing). "
                         "Enable it with `model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})` (the default)."
                     )
-                self._pool_into("mlp", layer, mlp)
+                self._pool_into("mlp", index, mlp)
+            if index == self.stop_layer:
+                raise _StopForward
 
         return hook
 
@@ -325,22 +392,30 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
     `requests` maps (source, layer) to the poolings wanted; `neurons` optionally maps (source, layer) to the
     neuron ids to keep (picked from the pooled vectors, or before pooling when padding must be masked: the values are
     the same either way).
-    Without gradients, the backbone call inside the context may stop early (at the last layer's MLP
-    down-projection, when that layer gives only MLP features): code after it in the same context does not run.
+    Without gradients, the backbone call inside the context stops early (after the last layer read, or at its MLP
+    down-projection when that layer gives only MLP features): code after it in the same context does not run.
     Hooks are removed when the context exits, even on error.
     """
-    state = _Capture(attention_mask, requests, neurons or {}, layer_map.dims)
+    state = _Capture(attention_mask, requests, neurons or {}, layer_map.dims, layer_map.num_layers,
+                     layer_map.pads_to_window)
     handles = []
     try:
-        for source, layer in requests:
-            if source == "mlp":
-                handles.append(layer_map.down_projections[layer].register_forward_pre_hook(state.mlp_pre_hook(layer)))
-        for layer in sorted({layer for _, layer in requests}):
-            handles.append(layer_map.layers[layer].register_forward_hook(state.layer_hook(layer)))
+        if layer_map.shared:  # one block runs every layer: its hooks count the calls
+            if any(source == "mlp" for source, _ in requests):
+                handles.append(layer_map.down_projections[0].register_forward_pre_hook(state.mlp_pre_hook()))
+            handles.append(layer_map.layers[0].register_forward_hook(state.layer_hook()))
+        else:
+            for source, layer in requests:
+                if source == "mlp":
+                    down = layer_map.down_projections[layer]
+                    handles.append(down.register_forward_pre_hook(state.mlp_pre_hook(layer)))
+            for layer in sorted({layer for _, layer in requests}):
+                handles.append(layer_map.layers[layer].register_forward_hook(state.layer_hook(layer)))
+        stopped = False
         try:
             yield state.pooled
         except _StopForward:  # the backbone was stopped after the last feature it had to give
-            pass
+            stopped = True
         missing = [(source, layer) for (source, layer), poolings in requests.items()
                    if any((source, method, layer) not in state.pooled for method in poolings)]
         if missing:
@@ -348,6 +423,11 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
                 f"The backbone ran without calling the hooks of its blocks ({missing[0][0]} of layer "
                 f"{missing[0][1]} never came): it calls them outside `nn.Module.__call__` (e.g. SqueezeBERT's "
                 "`layer.forward(...)`). It is not supported."
+            )
+        if layer_map.shared and not stopped and state.blocks_done != layer_map.num_layers:
+            raise ValueError(
+                f"The reused block of this backbone ran {state.blocks_done} times in one forward pass, not "
+                f"num_hidden_layers={layer_map.num_layers}: STC cannot tell its layers apart. It is not supported."
             )
     finally:
         for handle in handles:
@@ -360,11 +440,13 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def ids_position_table(backbone: nn.Module) -> nn.Embedding | None:
+def ids_position_table(backbone: nn.Module) -> nn.Module | None:
     """The position table of RoBERTa-style backbones (it has a padding index): they number positions from the
-    input ids themselves, starting after the padding index, so left padding is already skipped."""
+    input ids themselves, starting after the padding index, so left padding is already skipped. Any embedding
+    module with a padding index counts (e.g. I-BERT's quantized `QuantEmbedding`)."""
     for name, module in backbone.named_modules():
-        if isinstance(module, nn.Embedding) and "position" in name and module.padding_idx is not None:
+        is_table = isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+        if is_table and "position" in name and getattr(module, "padding_idx", None) is not None:
             return module
     return None
 
@@ -386,7 +468,7 @@ def backbone_window(backbone: nn.Module) -> int | None:
         return None
     table = ids_position_table(backbone)
     if table is not None:
-        limit = min(limit, table.num_embeddings - table.padding_idx - 1)
+        limit = min(limit, table.weight.shape[0] - table.padding_idx - 1)
     return int(limit)
 
 

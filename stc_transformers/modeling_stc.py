@@ -101,22 +101,26 @@ class STCFeatureSelector:
     def _on(self, device) -> tuple[dict, list]:
         device = torch.device(device)
         if device not in self._cache:
-            self._cache[device] = (
-                {key: index.to(device) for key, index in self._unions.items()},
-                [positions.to(device) for positions in self._positions],
-            )
+            with torch.inference_mode(False):  # kept copies made under inference mode must serve autograd later
+                self._cache[device] = (
+                    {key: index.to(device) for key, index in self._unions.items()},
+                    [positions.to(device) for positions in self._positions],
+                )
         return self._cache[device]
 
     def neurons(self, device) -> dict[tuple[str, int], torch.Tensor]:
         """Neuron ids to gather per (source, layer) before pooling; empty when the head is dense."""
         return self._on(device)[0]
 
-    def assemble(self, pooled: dict[tuple[str, str, int], torch.Tensor]) -> torch.Tensor:
-        """Concatenate the groups' pooled neurons in head-input order: [batch, num_features]."""
+    def assemble(self, pooled: dict[tuple[str, str, int], torch.Tensor], device=None) -> torch.Tensor:
+        """Concatenate the groups' pooled neurons in head-input order: [batch, num_features], on `device` (default:
+        that of the pooled features; layers split over several devices with `device_map` are gathered there)."""
+        device = torch.device(device) if device is not None else next(iter(pooled.values())).device
         if self.dense:
-            return torch.cat([pooled[key] for key in self.groups], dim=-1)
-        positions = self._on(next(iter(pooled.values())).device)[1]
-        return torch.cat([pooled[key].index_select(-1, pos) for key, pos in zip(self.groups, positions)], dim=-1)
+            return torch.cat([pooled[key].to(device) for key in self.groups], dim=-1)
+        positions = self._on(device)[1]
+        return torch.cat([pooled[key].to(device).index_select(-1, pos) for key, pos in zip(self.groups, positions)],
+                         dim=-1)
 
 
 class STCHead(nn.Module):
@@ -252,6 +256,15 @@ _LOADING_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_
                    "force_download", "proxies")
 
 
+def _numeric_settings(module: nn.Module | None) -> dict | None:
+    """A module's own int / float / bool attributes (e.g. a residual scale computed from the number of layers)."""
+    if module is None:
+        return None
+    runtime = ("training", "gradient_checkpointing")
+    return {name: value for name, value in vars(module).items()
+            if isinstance(value, (int, float, bool)) and not name.startswith("_") and name not in runtime}
+
+
 def backbone_class(text_config: PreTrainedConfig):
     """`AutoModel`, or for encoder-decoder models with an encoder-only class (T5, mT5, UMT5) `AutoModelForTextEncoding`,
     which loads just the encoder. Other encoder-decoder models are refused: STC reads one stack of blocks.
@@ -283,6 +296,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
 
     def __init__(self, config: STCConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
+        self._backbone_frozen = False  # `freeze_backbone`
         model_class = backbone_class(config.text_config)  # refuses encoder-decoder models without an encoder class
         if backbone is None:
             backbone = model_class.from_config(config.text_config)
@@ -305,16 +319,17 @@ class STCForSequenceClassification(STCPreTrainedModel):
     def _build_head_input(self):
         self.layer_map = LayerMap.build(self.backbone, need_mlp="mlp" in self.config.sources)
         self.source_dims = self.layer_map.dims
-        if len(self.layer_map.layers) != self.config.text_config.num_hidden_layers:
+        num_layers = self.layer_map.num_layers
+        if num_layers != self.config.text_config.num_hidden_layers:
             raise ValueError(
                 f"{type(self.backbone).__name__} has {self.config.text_config.num_hidden_layers} layers in its "
-                f"config but STC found a list of {len(self.layer_map.layers)} blocks at `{self.layer_map.path}`: its "
+                f"config but STC found a list of {num_layers} blocks at `{self.layer_map.path}`: its "
                 "layers are not one stack of blocks (e.g. CANINE's character encoders). It is not supported."
             )
         if self.config.selection:
             for group in self.config.selection:
-                if group["layer"] >= len(self.layer_map.layers):
-                    raise ValueError(f"Selection uses layer {group['layer']}, the backbone has {len(self.layer_map.layers)}.")
+                if group["layer"] >= num_layers:
+                    raise ValueError(f"Selection uses layer {group['layer']}, the backbone has {num_layers}.")
         self.selector = STCFeatureSelector(feature_groups(self.config, self.source_dims))
         self._causal = is_causal_backbone(self.config.text_config)
         self._backbone_arguments = set(inspect.signature(self.backbone.forward).parameters)
@@ -380,7 +395,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         model = cls(config, backbone=backbone)
         model.head.float()
         model.name_or_path = str(pretrained_model_name_or_path)
-        return model
+        return model.eval()  # as `from_pretrained` returns models
 
     # ---------------------------------------------------------------------------------------------------------------
     # forward
@@ -409,7 +424,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         if not (self.config.long_input_chunks and self._window is not None and reference.shape[1] > self._window):
-            return self.selector.assemble(self._pooled_by_layer(input_ids, attention_mask, backbone_inputs))
+            pooled = self._pooled_by_layer(input_ids, attention_mask, backbone_inputs)
+            return self.selector.assemble(pooled, self.head.classifier.weight.device)
         if "position_ids" in backbone_inputs:
             raise ValueError("`position_ids` cannot be combined with `long_input_chunks`: each chunk counts from 0.")
         plan = ChunkPlan.build(attention_mask, self._window, self.config.chunk_overlap)
@@ -423,7 +439,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
             part = {k: v[start : start + step] if v is not None else None for k, v in inputs.items()}
             parts.append(self._pooled_by_layer(part.pop("input_ids"), part.pop("attention_mask"), part))
         pooled = {key: plan.combine(torch.cat([part[key] for part in parts]), key[1]) for key in parts[0]}
-        return self.selector.assemble(pooled)
+        return self.selector.assemble(pooled, self.head.classifier.weight.device)
 
     def _pooled_by_layer(self, input_ids, attention_mask, backbone_inputs) -> dict:
         """Run the backbone (up to the exit layer) once; {(source, pooling, layer): [batch, dim]} pooled features."""
@@ -536,8 +552,20 @@ class STCForSequenceClassification(STCPreTrainedModel):
     # ---------------------------------------------------------------------------------------------------------------
 
     def freeze_backbone(self, frozen: bool = True) -> "STCForSequenceClassification":
-        """Stop (or restart) gradient updates of the backbone; only the head trains."""
+        """Stop (or restart) gradient updates of the backbone; only the head trains.
+
+        A frozen backbone is a fixed feature extractor, as in the fit: `train()` leaves it in eval mode, so dropout
+        does not move the features the head standardises (neurons of tiny spread would be scaled up by thousands).
+        """
         self.backbone.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "STCForSequenceClassification":
+        """`nn.Module.train`, except that a frozen backbone (`freeze_backbone`) stays in eval mode."""
+        super().train(mode)
+        if mode and self._backbone_frozen:
+            self.backbone.eval()
         return self
 
     def set_selection(self, selection: list[dict], weight, bias, mean=None, scale=None, truncate: bool = True):
@@ -594,21 +622,87 @@ class STCForSequenceClassification(STCPreTrainedModel):
         )
 
     def truncate_backbone(self) -> "STCForSequenceClassification":
-        """Drop backbone layers after the exit layer; logits are unchanged and checkpoints get smaller."""
+        """Drop backbone layers after the exit layer; logits are unchanged and checkpoints get smaller.
+
+        Layers are dropped only where that leaves the same model: the forward pass gives the same features, and the
+        backbone rebuilt from the shortened config (as `from_pretrained` will build it) has the same parameters and
+        per-layer settings. Otherwise (one block running every layer, as in ALBERT; layers scaled by their number;
+        configs that need a layer of each kind) every layer stays, and the forward pass stops after the exit layer all
+        the same (`capture_pooled`).
+        """
         keep = self.config.exit_layer + 1
-        total = len(self.layer_map.layers)
-        if keep >= total:
+        total = self.layer_map.num_layers
+        if keep >= total or self.layer_map.shared:
             return self
-        del self.layer_map.layers[keep:]
         self.config.backbone_num_layers = self.config.num_backbone_layers  # the depth as pretrained, for reports
-        for config in {id(c): c for c in (self.config.text_config, self.backbone.config)}.values():
+        configs = list({id(c): c for c in (self.config.text_config, self.backbone.config)}.values())
+        saved_configs, removed = [dict(vars(config)) for config in configs], list(self.layer_map.layers[keep:])
+        probe = self._probe_inputs()
+        try:
+            expected = self._probe_features(probe)
+        except Exception:  # e.g. a backbone that needs inputs besides token ids: no features to compare
+            expected = None
+        del self.layer_map.layers[keep:]
+        for config in configs:
             for name, value in list(vars(config).items()):  # per-layer lists (e.g. `layer_types`) lose the rest
                 per_layer = name != "architectures" and "token_id" not in name  # not e.g. a list of EOS ids
                 if per_layer and isinstance(value, (list, tuple)) and len(value) == total:
                     setattr(config, name, type(value)(value[:keep]))
             config.num_hidden_layers = keep
+        problem = self._truncation_problem(probe, expected)
+        if problem:
+            for config, saved in zip(configs, saved_configs):
+                vars(config).clear()
+                vars(config).update(saved)
+            self.layer_map.layers.extend(removed)
+            logger.warning(
+                f"Early exit keeps all {total} layers of {type(self.backbone).__name__}: {problem}. The forward pass "
+                f"still stops after layer {keep - 1}; only the checkpoint is not smaller."
+            )
         self._build_head_input()
         return self
+
+    def _probe_inputs(self) -> dict:
+        """Three tokens of valid ids, to check that truncation leaves the features unchanged."""
+        vocab = getattr(self.config.text_config, "vocab_size", None) or 4
+        ids = torch.tensor([[1, 2, 3]], device=self.device) % vocab
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def _probe_features(self, probe: dict) -> torch.Tensor:
+        """The selected features of `probe`, in eval mode."""
+        training = self.training
+        try:
+            with torch.no_grad():
+                return self.eval().pooled_features(**probe)
+        finally:
+            self.train(training)
+
+    def _truncation_problem(self, probe: dict, expected: torch.Tensor | None) -> str | None:
+        """Why the truncated backbone is not the same model, or None: its features on `probe`, and the backbone that
+        its config rebuilds (validation, parameter names and shapes, numeric settings of the kept layers)."""
+        if expected is not None:
+            try:
+                got = self._probe_features(probe)
+            except Exception as error:
+                return f"the shortened backbone does not run ({type(error).__name__}: {error})"
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                return "the shortened backbone gives other features"
+        config = self.config.text_config
+        try:
+            config = type(config).from_dict(config.to_dict())
+            with torch.device("meta"):
+                rebuilt = backbone_class(config).from_config(config)
+        except Exception as error:
+            return f"its shortened config does not build the backbone ({type(error).__name__}: {error})"
+        shapes = lambda model: {name: tuple(value.shape) for name, value in model.state_dict().items()}
+        if shapes(rebuilt) != shapes(self.backbone):
+            return "its shortened config builds other parameters"
+        path = self.layer_map.path
+        ours, theirs = dict(self.backbone.named_modules()), dict(rebuilt.named_modules())
+        for name, module in ours.items():
+            if name.startswith(path) and _numeric_settings(module) != _numeric_settings(theirs.get(name)):
+                return f"its layers depend on the number of layers (`{name}`)"
+        return None
 
     def feature_names(self) -> list[tuple[str, str, int, int]]:
         """(source, pooling, layer, neuron) of every head input, in order."""

@@ -8,8 +8,9 @@ disk in row chunks.
 Search, for each problem type:
 1. per block and layer, L1 probes over a data-adaptive strength grid (ratios of each layer's `lambda_max`,
    extended while the best strength sits at the weak edge); a layer's score is its best validation score;
-2. per family of blocks (all blocks, each source, each pooling) and eta: keep per layer the smallest neuron set
-   reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all layers' kept neurons;
+2. per family of blocks (all blocks and each source; also each pooling with `families="all"`) and eta: keep per
+   layer the smallest neuron set reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all
+   layers' kept neurons;
    when the sample is smaller than the training set, the best `finalists` (family, eta) pairs are refitted on
    every training row (fits on the sample undervalue larger neuron sets). Among the candidates whose validation
    score is within its noise (binomial standard error) of the best, the lowest validation loss wins (`_tie_break`);

@@ -468,7 +468,8 @@ class STCTrainer:
         # under `accelerate launch` / torchrun with several processes: each extracts a share of the batches on its
         # own device, the main process runs the search, and the others receive its result
         distributed = distributed_state(self.device)
-        self.model.to(distributed.device if distributed is not None else self.device)
+        if not getattr(self.model.backbone, "hf_device_map", None):  # placed with `device_map`: it stays there
+            self.model.to(distributed.device if distributed is not None else self.device)
         extract = dict(max_length=args.token_limit(self.model), batch_size=args.batch_size, progress=args.progress,
                        accelerator=distributed)
         train_cache = extract_features(self.model, self.tokenizer, texts, self._cache_dir(),

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 99
-ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert", "mpnet", "opt", "t5")
+ARCHITECTURES = ("bert", "gpt2", "llama", "qwen2", "deberta-v2", "modernbert", "mpnet", "opt", "t5", "albert")
 
 
 class STCModelTester:
@@ -24,6 +24,7 @@ class STCModelTester:
 
     def backbone_config(self, arch: str):
         from transformers import (
+            AlbertConfig,
             BertConfig,
             DebertaV2Config,
             GPT2Config,
@@ -40,6 +41,8 @@ class STCModelTester:
                       num_attention_heads=4, intermediate_size=self.intermediate)
         if arch == "bert":
             return BertConfig(**common, pad_token_id=0)
+        if arch == "albert":  # one block runs every layer
+            return AlbertConfig(**common, embedding_size=self.hidden, pad_token_id=0)
         if arch == "gpt2":
             return GPT2Config(vocab_size=VOCAB, n_embd=self.hidden, n_layer=self.num_layers, n_head=4, **special)
         if arch == "llama":

@@ -237,6 +237,28 @@ def test_report_needs_no_tokenizer(capsys, tmp_path):
     assert "neurons kept" in out and (tmp_path / "plots" / "stc_kept_neurons.png").exists()
 
 
+def test_evaluate_and_predict_truncate_at_the_tokenizer_limit_and_need_a_tokenizer(fitted, capsys, tmp_path):
+    """Without stc_training_args.json, `evaluate` truncates at the tokenizer's limit as `predict` does (the
+    backbone reads 512 positions, the text has 600 words); a folder without tokenizer files gets a clear error."""
+    import shutil
+
+    output, _ = fitted
+    bare = tmp_path / "bare"
+    shutil.copytree(output, bare)
+    (bare / "stc_training_args.json").unlink()
+    tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
+    (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 48}))
+    long = write_csv(tmp_path / "long.csv", [(" ".join(f"w{i % 90}" for i in range(600)), "pos")] * 2)
+    for argv in (("evaluate", "--data", long, "--text-column", "review", "--label-column", "sentiment"),
+                 ("predict", "--input", long, "--text-column", "review")):
+        code, _, err = run(capsys, *argv[:1], "--model", bare, *argv[1:])
+        assert code == 0, err
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (bare / name).unlink(missing_ok=True)
+    code, _, err = run(capsys, "predict", "--model", bare, "--text", "w1 w2")
+    assert code == 2 and "no usable tokenizer files" in err and "save_pretrained" in err
+
+
 def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sample(backbone, capsys, tmp_path):
     """A single file has no validation split (seeded internal split); --max-train-samples; then `evaluate` on the
     shipped sample through its built-in name (same label names: negative / positive)."""
@@ -538,6 +560,8 @@ def test_traceback_flag_reraises(fitted, capsys, workdir):
     (["predict", "--model", "m", "--text", "a", "--device", "foo"], "argument --device: not a torch device: 'foo'"),
     (["predict", "--model", "m", "--text", "a", "--device", "cuda:99"], "argument --device: 'cuda:99'"),
     (["report", "--model", "m", "--top-neurons", "-1"], "argument --top-neurons: must be >= 0, got -1"),
+    (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--cv-below", "-1"],
+     "argument --cv-below: must be >= 0, got -1"),  # 0 is allowed: as STCTrainingArguments(cv_below=0)
 ])
 def test_usage_errors_exit_2(argv, fragment, capsys):
     code, out, err = run(capsys, *argv)

@@ -1,4 +1,4 @@
-"""STCForSequenceClassification on tiny random backbones of nine architectures, plus the real MiniLM."""
+"""STCForSequenceClassification on tiny random backbones of ten architectures, plus the real MiniLM."""
 
 from __future__ import annotations
 
@@ -85,14 +85,14 @@ class TestEveryArchitecture:
         eos = model.config.text_config.eos_token_id
         model.config.text_config.eos_token_id = [1, 2, 3][: tester.num_layers]  # one id per layer, by chance
         model.truncate_backbone()
-        assert len(model.layer_map.layers) == tester.num_layers - 1
-        assert model.config.text_config.num_hidden_layers == tester.num_layers - 1
+        kept = tester.num_layers if model.layer_map.shared else tester.num_layers - 1  # a reused block stays
+        assert model.layer_map.num_layers == model.config.text_config.num_hidden_layers == kept
         assert model.config.text_config.eos_token_id == [1, 2, 3]  # token ids are not per-layer settings
         model.config.text_config.eos_token_id = eos
         torch.testing.assert_close(model(**inputs).logits, untruncated, rtol=0, atol=0)
         model.save_pretrained(tmp_path)
         loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-        assert len(loaded.layer_map.layers) == tester.num_layers - 1
+        assert loaded.layer_map.num_layers == kept
         torch.testing.assert_close(loaded(**inputs).logits, untruncated, rtol=0, atol=0)
 
     def test_inference_stops_at_the_last_down_projection_it_needs(self, tester, arch):
@@ -102,13 +102,14 @@ class TestEveryArchitecture:
         inputs = tester.inputs()
         last = tester.num_layers - 1
         calls = []
-        handle = model.layer_map.down_projections[last].register_forward_hook(lambda *_: calls.append(1))
+        runs = model.layer_map.num_layers // len(model.layer_map.layers)  # calls per forward (ALBERT: every layer)
+        handle = model.layer_map.down_projections[-1].register_forward_hook(lambda *_: calls.append(1))
         full = model(**inputs).logits
-        assert len(calls) == 1
+        assert len(calls) == runs
         with torch.inference_mode():
             stopped = model(**inputs).logits
         handle.remove()
-        assert len(calls) == 1
+        assert len(calls) == 2 * runs - 1
         torch.testing.assert_close(stopped, full)  # T5 differs by 1e-7 with and without autograd
 
     def test_gradients_equal_with_activation_checkpointing(self, tester, arch):
@@ -216,6 +217,7 @@ def test_from_backbone_pretrained_keeps_weights_bit_identical(tester, tmp_path):
     for name, tensor in model.backbone.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
     assert model.config.text_config._attn_implementation == backbone.config._attn_implementation
+    assert not any(module.training for module in model.modules())  # in eval mode, as `from_pretrained` gives it
 
 
 def test_causal_attention_survives_round_trip(tester, tmp_path):
@@ -456,19 +458,145 @@ def test_encoder_decoder_backbones_give_their_encoder_or_a_clear_error(tester, t
         STCForSequenceClassification(STCConfig(text_config=AutoConfig.for_model("t5gemma").to_dict()))
 
 
-def test_backbone_reusing_one_block_or_grouping_layers_into_stages_is_refused():
-    """ALBERT shares one block between its layers; Funnel groups layers into stages (a list of lists, with tokens
-    pooled between stages), even when it has as many stages as layers."""
+def _albert(**kwargs):
     from transformers import AlbertConfig
 
-    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                          num_attention_heads=4, intermediate_size=37)
-    with pytest.raises(ValueError, match="reuse one block"):
-        STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
+    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                          num_attention_heads=4, intermediate_size=37, **kwargs)
+    torch.manual_seed(0)
+    return config
+
+
+def test_backbone_running_one_block_for_every_layer(tester, tmp_path):
+    """ALBERT runs one block for all its layers: layer k is the block's k-th call. The pooled features of every layer
+    equal the backbone's own hidden states and MLP inputs, and the forward pass stops after the exit layer (the block
+    cannot be dropped) with the logits of the full pass."""
+    model = STCForSequenceClassification(STCConfig(text_config=_albert().to_dict(), poolings=["mean", "max"])).eval()
+    assert model.layer_map.shared and model.layer_map.num_layers == 4 and len(model.layer_map.layers) == 1
+    inputs = tester.inputs()
+    mlp_inputs = []
+    with torch.no_grad():
+        pooled = model.pooled_features(**inputs)
+        handle = model.layer_map.down_projections[0].register_forward_pre_hook(lambda m, a: mlp_inputs.append(a[0]))
+        hidden = model.backbone(**inputs, output_hidden_states=True).hidden_states
+    handle.remove()
+    assert len(hidden) == 5 and len(mlp_inputs) == 4
+    mask = inputs["attention_mask"].bool()
+    names = model.feature_names()
+    for layer in range(4):
+        for source, states in (("hidden", hidden[layer + 1]), ("mlp", mlp_inputs[layer])):
+            for pooling in ("mean", "max"):
+                columns = [i for i, n in enumerate(names) if n[:3] == (source, pooling, layer)]
+                rows = [states[row][mask[row]] for row in range(mask.shape[0])]
+                expected = torch.stack([r.mean(0) if pooling == "mean" else r.amax(0) for r in rows])
+                torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
+
+    zero_layer_weights(model, 2)
+    zero_layer_weights(model, 3)
+    with torch.no_grad():
+        full = model(**inputs).logits
+    small = model.sparsify(eta=1.0)
+    assert small.config.exit_layer == 1 and small.config.text_config.num_hidden_layers == 4
+    calls = []
+    small.layer_map.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, full, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # stopped after layer 1
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, full, rtol=1e-5, atol=1e-5)
+
+    loss = small.train()(**inputs, labels=torch.tensor([0, 1, 0])).loss  # with gradients: every layer runs
+    loss.backward()
+    assert small.backbone.encoder.albert_layer_groups[0].albert_layers[0].ffn.weight.grad.abs().sum() > 0
+
+
+def test_backbone_sharing_blocks_otherwise_is_refused():
+    """ALBERT with two inner blocks runs its MLPs twice per layer: hidden states only. Several shared groups, and
+    Funnel's stages (a list of lists, tokens pooled between stages), are refused even with as many stages as
+    layers."""
+    inner = _albert(inner_group_num=2)
+    with pytest.raises(ValueError, match="MLP down-projection"):
+        STCForSequenceClassification(STCConfig(text_config=inner.to_dict()))
+    hidden_only = STCForSequenceClassification(STCConfig(text_config=inner.to_dict(), sources=["hidden"])).eval()
+    with torch.no_grad():
+        hidden = hidden_only.backbone(**STCModelTester.inputs(), output_hidden_states=True).hidden_states
+        pooled = hidden_only.pooled_features(**STCModelTester.inputs())
+    assert len(hidden) == 9  # transformers records both inner blocks: layer k of STC is its entry 2k + 2
+    mask = STCModelTester.inputs()["attention_mask"].bool()
+    expected = torch.stack([hidden[4][row][mask[row]].mean(0) for row in range(3)])
+    columns = [i for i, name in enumerate(hidden_only.feature_names()) if name[:3] == ("hidden", "mean", 1)]
+    torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="share several blocks"):
+        STCForSequenceClassification(STCConfig(text_config=_albert(num_hidden_groups=2).to_dict()))
     funnel = AutoConfig.for_model("funnel", vocab_size=99, d_model=32, n_head=4, d_head=8, d_inner=37,
                                   block_sizes=[1, 1, 1], architectures=["FunnelModel"])
     with pytest.raises(ValueError, match="Cannot find the transformer blocks.*Funnel"):
         STCForSequenceClassification(STCConfig(text_config=funnel.to_dict(), sources=["hidden"]))
+
+
+SHORTENING_CHANGES_THE_MODEL = {  # model type: config arguments; why the shortened config is another model
+    "esmc": dict(num_attention_heads=4),  # its layers scale by sqrt(num_hidden_layers / 36)
+    "gpt_neox_japanese": dict(num_attention_heads=4, intermediate_multiple_size=2),  # a bias on the last layer only
+    "olmo_hybrid": dict(num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=4, linear_num_value_heads=4,
+                        linear_key_head_dim=6, linear_value_head_dim=12,  # needs one attention layer: the last
+                        layer_types=["linear_attention", "linear_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("model_type", SHORTENING_CHANGES_THE_MODEL)
+def test_early_exit_keeps_every_layer_where_a_shorter_config_is_another_model(model_type, tmp_path, caplog):
+    """Dropping layers must leave the model that a reload rebuilds from the shortened config: where it would not,
+    every layer stays (with a warning), the pass still stops at the exit layer, and a reload gives the same logits."""
+    config = AutoConfig.for_model(model_type, vocab_size=99, hidden_size=32, num_hidden_layers=3, pad_token_id=0,
+                                  **SHORTENING_CHANGES_THE_MODEL[model_type])
+    torch.manual_seed(0)
+    model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"])).eval()
+    inputs = STCModelTester.inputs()
+    calls = []
+    model.layer_map.layers[2].register_forward_hook(lambda *args: calls.append(1))
+    with caplog.at_level("WARNING"):
+        model.set_selection([{"source": "hidden", "pooling": "mean", "layer": 0, "neurons": [0, 1]}],
+                            torch.randn(2, 2), torch.zeros(2))
+    assert "Early exit keeps all 3 layers" in caplog.text
+    assert model.layer_map.num_layers == model.config.text_config.num_hidden_layers == 3
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert not calls  # stopped after layer 0
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(STCForSequenceClassification.from_pretrained(tmp_path)(**inputs).logits, logits)
+
+
+def test_backbones_stc_cannot_read_are_refused_or_read_right(tester):
+    """XLM keeps its layers' parts in parallel lists; CPM-Ant adds prompt tokens inside; a recurrent-depth backbone
+    (Dory) runs a block twice per pass: each is refused. I-BERT's quantized position table numbers positions as
+    RoBERTa does."""
+    from transformers import AutoConfig
+
+    xlm = AutoConfig.for_model("xlm", vocab_size=99, emb_dim=32, n_layers=3, n_heads=4, pad_index=0)
+    with pytest.raises(ValueError, match="parallel lists"):
+        STCForSequenceClassification(STCConfig(text_config=xlm.to_dict(), sources=["hidden"]))
+    cpmant = AutoConfig.for_model("cpmant", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  dim_head=8, dim_ff=48, prompt_length=4)
+    dory = AutoConfig.for_model("dory", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, intermediate_size=48, pad_token_id=0,
+                                n_input_layers=1, n_recurrent_layers=1, n_output_layers=1)
+    for config, match in ((cpmant, "tokens of its own"), (dory, "ran twice")):
+        for sources in (["hidden", "mlp"], ["hidden"]):
+            model = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=sources)).eval()
+            with pytest.raises(ValueError, match=match), torch.no_grad():
+                model(**tester.inputs())
+    ibert = AutoConfig.for_model("ibert", vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=48, pad_token_id=0)
+    torch.manual_seed(0)
+    model = STCForSequenceClassification(STCConfig(text_config=ibert.to_dict(), sources=["hidden"])).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = model.backbone(input_ids=ids, output_hidden_states=True).hidden_states[2].mean(1)
+        columns = [i for i, name in enumerate(model.feature_names()) if name[:3] == ("hidden", "mean", 1)]
+        torch.testing.assert_close(model.pooled_features(ids)[:, columns], expected)
 
 
 def test_moe_and_state_space_backbones_use_hidden_states_only():
@@ -566,6 +694,31 @@ def _tiny_dataset(n=24, seed=0):
         labels.append(label)
     data = Dataset.from_dict({"text": texts, "label": labels})
     return data.map(lambda b: tokenizer(b["text"], truncation=True), batched=True), tokenizer
+
+
+def test_selection_indices_first_made_under_inference_mode_serve_autograd_later(tester):
+    """The selector keeps one copy of its index tensors per device; the first one made inside `inference_mode`
+    (e.g. `trainer.predict` on a GPU) must not be an inference tensor, or a later forward with gradients fails."""
+    model = tester.model("bert", num_labels=2)
+    with torch.no_grad():
+        model.head.classifier.weight.normal_()
+    model.sparsify(0.5, truncate=False)
+    with torch.inference_mode():
+        neurons, positions = model.selector._on("meta")  # a device other than the one the indices live on
+    assert not any(index.is_inference() for index in [*neurons.values(), *positions])
+
+
+def test_frozen_backbone_stays_in_eval_mode(tester):
+    """Dropout in a frozen backbone would move the features the head standardises; the head itself trains."""
+    model = tester.model("bert", num_labels=2, hidden_dropout_prob=0.5)
+    inputs = tester.inputs()
+    model.freeze_backbone().train()
+    assert model.training and model.head.training and not model.backbone.training
+    assert not any(module.training for module in model.backbone.modules())
+    torch.testing.assert_close(model(**inputs).logits, model.eval()(**inputs).logits)
+    model.train().freeze_backbone(False)
+    assert model.backbone.training and all(p.requires_grad for p in model.backbone.parameters())
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)  # dropout is back
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -11,8 +11,9 @@ import torch
 from conftest import STCModelTester, make_tiny_tokenizer
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 from tokenizers.processors import TemplateProcessing
-from transformers import AutoModelForSequenceClassification, pipeline
+from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
 
+from stc_transformers import STCForSequenceClassification
 from stc_transformers.extraction import extract_features
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
@@ -52,7 +53,7 @@ def make_trainer(tmp_path, arch="bert", num_classes=2, n=160, seed=0, **kwargs):
     return trainer, split
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "albert"])  # ALBERT: one block runs every layer
 def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
     trainer, split = make_trainer(tmp_path, arch)
     result = trainer.train()
@@ -69,8 +70,8 @@ def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
     predictions = trainer.predict(split["test"]).predictions
     np.testing.assert_allclose(predictions, trainer._validation_outputs.numpy(), atol=1e-4)
     assert trainer.evaluate()["eval_accuracy"] == pytest.approx(result.validation_score, abs=1e-6)
-    # the backbone exits at the chosen layer
-    assert len(model.layer_map.layers) == result.chosen["exit_layer"] + 1
+    # the backbone exits at the chosen layer (ALBERT keeps its one block and stops the pass there)
+    assert model.layer_map.num_layers == (3 if model.layer_map.shared else result.chosen["exit_layer"] + 1)
     summary = model.config.fit_summary
     assert summary["chosen"] == result.chosen and summary["num_layers"] == 3
     assert set(summary["layer_scores"]) == {f"{s}/{p}" for s in ("hidden", "mlp") for p in model.config.poolings}
@@ -472,7 +473,7 @@ def test_extraction_commits_by_time_by_default(tmp_path, monkeypatch):
 
 def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
     """Any change of what the backbone computes or reads makes a new cache: all weights, a few rows of an
-    embedding far from its start, a cast to another dtype, another truncation side or max_length."""
+    embedding far from its start, a cast to another dtype, another truncation side or max_length, autocast."""
     model = STCModelTester().model("bert")
     tokenizer = make_tiny_tokenizer()
     texts = [" ".join(f"w{i}" for i in range(20)), "w3"]
@@ -504,6 +505,8 @@ def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
     left.truncation_side = "left"
     paths.append(cache(tokenizer=left))
     paths.append(cache(max_length=9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the pass runs in the caller's autocast
+        paths.append(cache(max_length=9))
     assert len(set(paths)) == len(paths)
 
 
@@ -645,6 +648,29 @@ def test_labelled_rows_given_as_pairs_get_a_pointer(tmp_path):
                          train_dataset=[("w1 w2", 0), ("w3", 1)], processing_class=make_tiny_tokenizer())
     with pytest.raises(ValueError, match=r"give labelled rows as \(texts, labels\)"):
         trainer.train()
+
+
+def test_fit_leaves_dropout_off_and_a_device_map_in_place(tmp_path):
+    """A backbone placed with `device_map` (here one layer offloaded to disk) is fitted where it is, and the fitted
+    model answers the same twice: the fit does not switch the backbone's dropout on."""
+    torch.manual_seed(0)
+    AutoModel.from_config(STCModelTester().backbone_config("bert")).save_pretrained(tmp_path / "backbone")
+    device_map = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "cpu",
+                  "pooler": "cpu"}
+    model = STCForSequenceClassification.from_backbone_pretrained(
+        tmp_path / "backbone", num_labels=2, hidden_dropout_prob=0.5, device_map=device_map,
+        offload_folder=str(tmp_path / "offload"))
+    texts, labels = synthetic_texts(160)
+    tokenizer = make_tiny_tokenizer()
+    trainer = STCTrainer(model, small_args(tmp_path), train_dataset={"text": texts[:120], "label": labels[:120]},
+                         eval_dataset={"text": texts[120:], "label": labels[120:]}, processing_class=tokenizer)
+    trainer.train()
+    assert model.backbone.hf_device_map["encoder.layer.1"] == "disk"
+    assert not model.backbone.training
+    inputs = tokenizer(texts[120:124], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**inputs).logits)
+    assert trainer.evaluate()["eval_accuracy"] >= 0.7
 
 
 def test_max_length_is_capped_at_the_backbone_window(tmp_path):
