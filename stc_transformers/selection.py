@@ -297,6 +297,16 @@ class SelectionSearch:
         self.device = torch.device(settings.device)
         self.y_train = torch.as_tensor(y_train)
         self.y_validation = torch.as_tensor(y_validation)
+        # Regression targets are centred per column and scaled by one factor: neither the solvers' stopping rule
+        # (relative to the weights and bias) nor float32's range then depends on the targets' offset or units. Scores
+        # (R^2) and the order of losses are unchanged; `run` maps the head and the losses back.
+        self.target_shift, self.target_scale = torch.zeros(()), 1.0
+        if task == "regression":
+            targets = self.y_train.double()
+            spread = float(targets.std(0).mean()) if len(targets) > 1 else 1.0
+            self.target_shift, self.target_scale = targets.mean(0), spread if math.isfinite(spread) and spread else 1.0
+            self.y_train = self._standardised(self.y_train)
+            self.y_validation = self._standardised(self.y_validation)
         rng = np.random.default_rng(settings.seed)
         n = train.num_texts
         self.sample = np.sort(rng.choice(n, settings.search_samples, replace=False)) if n > settings.search_samples \
@@ -314,6 +324,22 @@ class SelectionSearch:
         self.probes: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # stage 1, per block
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _standardised(self, targets: torch.Tensor) -> torch.Tensor:
+        return ((targets.double() - self.target_shift) / self.target_scale).float()
+
+    def _in_target_units(self, result: "SelectionResult") -> "SelectionResult":
+        """A regression result mapped back from standardised targets: head, validation outputs and losses."""
+        scale, shift = self.target_scale, self.target_shift.float()
+        result.weight, result.bias = result.weight * scale, result.bias * scale + shift
+        result.validation_outputs = result.validation_outputs * scale + shift
+
+        def unscaled(candidate: Candidate) -> Candidate:
+            rows = None if candidate.all_rows_loss is None else candidate.all_rows_loss * scale**2
+            return replace(candidate, loss=candidate.loss * scale**2, all_rows_loss=rows)
+
+        result.best, result.candidates = unscaled(result.best), [unscaled(c) for c in result.candidates]
+        return result
 
     def _fit(self, X, Y, strengths, **kwargs):
         kwargs.setdefault("max_iter", self.settings.max_iter)
@@ -510,7 +536,7 @@ class SelectionSearch:
         result.cross_validation_folds = len(self.folds)
         seconds["refit"] = time.perf_counter() - started - seconds["layer_probes"] - seconds["integration"]
         result.seconds = seconds
-        return result
+        return self._in_target_units(result) if self.task == "regression" else result
 
     def _all_layer_candidates(self, families, bar) -> list[Candidate]:
         """Stage 2: the L2 classifier on every layer's kept neurons, per family of blocks and eta."""
@@ -529,6 +555,8 @@ class SelectionSearch:
         """Stage 3: every layer prefix 0..k and every single layer k > 0 of one family and eta."""
         layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
         groups = self._groups(blocks, eta, self.probes, tuple(range(self.num_layers)))
+        if not groups:  # a cross-validation fold whose probes kept nothing (e.g. constant targets in its rows)
+            return []
         scores, losses = self._integrate(blocks, eta, layer_sets, groups)
         return self._candidates(blocks, eta, layer_sets, scores, losses, groups)
 

@@ -159,8 +159,10 @@ class LabelEncoder:
     ids / names. Regression: a float, or a list of floats per row.
     """
 
-    def __init__(self, task: str, names: list[str] | None, num_labels: int, vectors: bool = False):
+    def __init__(self, task: str, names: list[str] | None, num_labels: int, vectors: bool = False,
+                 named: bool = True):
         self.task, self.names, self.num_labels, self.vectors = task, names, num_labels, vectors
+        self.named = named  # the training labels were class names (unknown for a reloaded model: assumed)
 
     @classmethod
     def fit(cls, labels: list, feature=None, problem_type: str | None = None, names=None) -> "LabelEncoder":
@@ -193,7 +195,7 @@ class LabelEncoder:
         elif names is None:
             top = max(int(x) for x in labels)
             names = [f"LABEL_{i}" for i in range(top + 1)]
-        encoder = cls(problem_type, list(names), len(names))
+        encoder = cls(problem_type, list(names), len(names), named=isinstance(first, str))
         present = set(encoder.encode(labels).tolist())
         if len(present) < 2:
             raise ValueError(
@@ -225,7 +227,7 @@ class LabelEncoder:
             return cls("multi_label_classification", names or [f"LABEL_{i}" for i in range(width)], width, True)
         if names is None:
             names = [f"LABEL_{i}" for i in range(max(int(x) for x in items) + 1)]
-        return cls("multi_label_classification", list(names), len(names))
+        return cls("multi_label_classification", list(names), len(names), named=False)
 
     @classmethod
     def for_model(cls, model, labels: list) -> "LabelEncoder":
@@ -249,6 +251,8 @@ class LabelEncoder:
         missing = next((row for row, label in enumerate(labels) if label is None), None)
         if missing is not None:
             raise ValueError(f"The label of row {missing} is missing (None/NaN): drop or fill those rows.")
+        if _feature_names(feature) is None:
+            self._check_ids_are_not_names(labels)
         labels = self._by_name(labels, _feature_names(feature))
         if self.task == "regression":
             values = torch.tensor(np.asarray(labels, dtype=np.float32)).reshape(len(labels), self.num_labels)
@@ -267,6 +271,23 @@ class LabelEncoder:
                         out[i, self._index(x)] = 1.0
             return out
         return torch.tensor([self._index(x) for x in labels], dtype=torch.long)
+
+    def _check_ids_are_not_names(self, labels: list):
+        """Integer labels are class ids; with classes named by numbers ('1', '2', '3') an integer could mean either,
+        unless the training labels were ids too."""
+        if self.task == "regression" or self.vectors or not self.named or not self.names or _default_names(self.names):
+            return
+        if not all(name.lstrip("-").isdigit() for name in self.names):
+            return
+        rows = labels if self.task == "single_label_classification" else [x for row in labels for x in row]
+        given = next((x for x in rows if isinstance(x, int) and not isinstance(x, bool)), None)
+        if given is not None:
+            raise ValueError(
+                f"Label {given} is an integer, and the classes are named by numbers ({self.names[:5]}...): it could "
+                f"be the class named '{given}' or the class with id {given}. Pass the labels as the class names "
+                "(strings, e.g. `[str(y) for y in labels]`, or `stc ... --class-labels` on the command line), or as a "
+                "`ClassLabel` column."
+            )
 
     def _by_name(self, labels: list, names) -> list:
         """Class ids of a feature with other class names than the model's, replaced by their names."""

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
 
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.extraction import extract_features
-from stc_transformers.trainer import STCTrainer, STCTrainingArguments
+from stc_transformers.trainer import LabelEncoder, STCTrainer, STCTrainingArguments
 
 
 def synthetic_texts(n, num_classes=2, seed=0, length=(3, 10)):
@@ -153,6 +153,64 @@ def test_regression(tmp_path):
     assert trainer.model.config.problem_type == "regression" and trainer.model.config.num_labels == 1
     assert result.metric == "r2" and result.validation_score > 0.3
     assert trainer.model.config.fit_summary["validation"] == "internal split + 5-fold cross-validation"
+
+
+def test_regression_does_not_depend_on_the_targets_offset_or_units(tmp_path):
+    """Targets shifted by 1e4 or in units of 1e20: the same neurons, the same R^2, predictions in the targets' units
+    (the solvers' stopping rule used to stop early on a large bias; 1e20 overflowed float32 squares)."""
+    texts, labels = synthetic_texts(200, 2, seed=2)
+    base = np.array([float(y) * 2 - 1 + 0.1 * (len(t.split()) - 6) for t, y in zip(texts, labels)])
+    fits = []
+    for shift, unit in ((0.0, 1.0), (1e4, 1.0), (0.0, 1e20)):
+        targets = (base * unit + shift).tolist()
+        trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / f"{shift}-{unit}", cv_folds=0),
+                             train_dataset=(texts[:150], targets[:150]), eval_dataset=(texts[150:], targets[150:]),
+                             processing_class=make_tiny_tokenizer())
+        result = trainer.train()
+        predictions = (trainer.predict(texts[150:]).predictions[:, 0] - shift) / unit
+        fits.append((trainer.model.config.selection, result.validation_score, predictions))
+    assert fits[0][1] > 0.3
+    for selection, score, predictions in fits[1:]:
+        assert selection == fits[0][0] and score == pytest.approx(fits[0][1], abs=1e-3)
+        np.testing.assert_allclose(predictions, fits[0][2], atol=1e-2)
+
+
+def test_a_cross_validation_fold_without_signal_is_skipped(tmp_path):
+    """One non-zero training target: the fold holding it out has constant targets and keeps no neuron."""
+    texts, labels = synthetic_texts(120, 2, seed=2)
+    targets = [0.0] * 30
+    targets[3] = 3.0
+    validation = [float(y) for y in labels[30:]]
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path, cv_below=1000),
+                         train_dataset=(texts[:30], targets), eval_dataset=(texts[30:], validation),
+                         processing_class=make_tiny_tokenizer())
+    assert trainer.train().metric == "r2"
+
+
+def test_integer_labels_are_refused_where_classes_are_named_by_numbers(tmp_path):
+    """Classes named '1', '2', '3' (string labels): an integer 1 in evaluation data could be the class named '1' or
+    id 1 (named '2'); it used to be read as the id, silently. Ids are fine where the training labels were ids."""
+    texts, labels = synthetic_texts(120, 3, seed=4)
+    names = [str(y + 1) for y in labels]
+    trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "named", cv_folds=0),
+                         train_dataset=(texts[:90], names[:90]), eval_dataset=(texts[90:], names[90:]),
+                         processing_class=make_tiny_tokenizer())
+    trainer.train()
+    by_name = trainer.evaluate((texts[90:], names[90:]))["eval_accuracy"]
+    with pytest.raises(ValueError, match="could be the class named '.' or the class with id"):
+        trainer.evaluate((texts[90:], [int(name) for name in names[90:]]))
+    with pytest.raises(ValueError, match="could be the class named"):  # a reloaded model does not know: refused too
+        LabelEncoder.for_model(trainer.model, [1, 2]).encode([1, 2])
+    numbered = ClassLabel(names=["1", "2", "3"])  # a ClassLabel column says they are ids
+    np.testing.assert_array_equal(LabelEncoder.for_model(trainer.model, [0, 2]).encode([0, 2], numbered), [0, 2])
+    assert by_name > 0.5
+    ids = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "ids", cv_folds=0),
+                     train_dataset=Dataset.from_dict({"text": texts[:90], "label": labels[:90]},
+                                                     features=Features({"text": Value("string"),
+                                                                        "label": ClassLabel(names=["1", "2", "3"])})),
+                     eval_dataset=(texts[90:], labels[90:]), processing_class=make_tiny_tokenizer())
+    ids.train()  # training ids with a ClassLabel: validation ids are ids
+    assert ids.evaluate((texts[90:], labels[90:]))["eval_accuracy"] > 0.5
 
 
 def test_tiny_training_sets_split_or_say_why_not(tmp_path):
