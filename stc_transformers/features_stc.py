@@ -76,6 +76,7 @@ def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList, int]:
             (name, module) for name, module in modules
             if len(module) == num_layers and len({type(child) for child in module}) == 1
             and not isinstance(module[0], containers)
+            and not any(part.isdigit() for part in name.split("."))  # not a stack inside one group of a list
         ]
         depth = min((name.count(".") for name, _ in candidates), default=None)
         if len([name for name, _ in candidates if name.count(".") == depth]) > 1:
@@ -97,8 +98,8 @@ def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList, int]:
             f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
             "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
             "blocks) or one block run for every layer (ALBERT). Backbones that share several blocks between layers "
-            "(e.g. ALBERT with `num_hidden_groups > 1`) or group their layers into stages (e.g. Funnel Transformer) "
-            "are not supported."
+            "(e.g. ALBERT with 1 < `num_hidden_groups` < `num_hidden_layers`) or group their layers into stages "
+            "(e.g. Funnel Transformer) are not supported."
         )
     # The outermost list is the stack of blocks (nested lists would be inside a block).
     path, layers = min(candidates, key=lambda item: item[0].count("."))
@@ -174,13 +175,19 @@ class LayerMap:
 
     @classmethod
     def build(cls, backbone: nn.Module, need_mlp: bool = True) -> "LayerMap":
+        config = backbone.config.get_text_config()
+        if need_mlp and getattr(config, "chunk_size_feed_forward", 0):
+            raise ValueError(
+                f"The backbone runs its MLPs on chunks of {config.chunk_size_feed_forward} tokens "
+                "(`chunk_size_feed_forward`): STC's `mlp` source reads all tokens at once. Set "
+                "`chunk_size_feed_forward=0` when loading the backbone, or use `sources=['hidden']`."
+            )
         path, layers, num_layers = find_layer_list(backbone)
         hidden = backbone_hidden_size(backbone)
         downs = tuple(find_down_projection(layer, hidden) if need_mlp else None for layer in layers)
         dims = {"hidden": hidden}
         if need_mlp and downs:
             dims["mlp"] = _linear_shape(downs[0])[0]
-        config = backbone.config.get_text_config()
         pads = getattr(config, "attention_window", None) is not None or \
             getattr(config, "attention_type", None) == "block_sparse"
         return cls(path, layers, downs, dims, num_layers, shared=num_layers > len(layers), pads_to_window=pads)

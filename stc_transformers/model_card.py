@@ -250,6 +250,8 @@ def make_model_card(
         backbone_link=f"[{backbone_id}](https://huggingface.co/{backbone_id})" if backbone_id
         else f"a local `{config.text_config.model_type}` backbone",
         layer_range=f"0-{config.exit_layer}",
+        sources_read=" and ".join({"hidden": "hidden states", "mlp": "MLP neuron activations"}[source]
+                                  for source in config.sources),
         selection_sentence=selection["sentence"],
         task=TASK_NAMES.get(task, task),
         label_list=", ".join(f"`{label}`" for label in label_names(model)),

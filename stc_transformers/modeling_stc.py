@@ -551,6 +551,16 @@ class STCForSequenceClassification(STCPreTrainedModel):
     # sparsification and early exit
     # ---------------------------------------------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter, or, for a backbone dispatched with `device_map`
+        (layers offloaded to disk or spread over devices), the device its first module runs on."""
+        placement = getattr(getattr(self, "backbone", None), "hf_device_map", None)
+        if placement:
+            first = next(iter(placement.values()))
+            return torch.device("cpu" if first == "disk" else first)
+        return super().device
+
     def freeze_backbone(self, frozen: bool = True) -> "STCForSequenceClassification":
         """Stop (or restart) gradient updates of the backbone; only the head trains.
 
@@ -622,19 +632,19 @@ class STCForSequenceClassification(STCPreTrainedModel):
         )
 
     def truncate_backbone(self) -> "STCForSequenceClassification":
-        """Drop backbone layers after the exit layer; logits are unchanged and checkpoints get smaller.
+        """Drop backbone layers after the exit layer where that leaves the same model: logits are unchanged and
+        checkpoints get smaller.
 
-        Layers are dropped only where that leaves the same model: the forward pass gives the same features, and the
-        backbone rebuilt from the shortened config (as `from_pretrained` will build it) has the same parameters and
-        per-layer settings. Otherwise (one block running every layer, as in ALBERT; layers scaled by their number;
-        configs that need a layer of each kind) every layer stays, and the forward pass stops after the exit layer all
-        the same (`capture_pooled`).
+        The same model: the forward pass gives the same features on a probe input, and the backbone rebuilt from the
+        shortened config (as `from_pretrained` will build it) has the parameters and per-layer settings of the full
+        one without its last layers. Otherwise (one block running every layer, as in ALBERT; layers scaled by their
+        number; configs that need a layer of each kind) every layer stays, with a warning, and the forward pass
+        stops after the exit layer all the same (`capture_pooled`).
         """
         keep = self.config.exit_layer + 1
         total = self.layer_map.num_layers
         if keep >= total or self.layer_map.shared:
             return self
-        self.config.backbone_num_layers = self.config.num_backbone_layers  # the depth as pretrained, for reports
         configs = list({id(c): c for c in (self.config.text_config, self.backbone.config)}.values())
         saved_configs, removed = [dict(vars(config)) for config in configs], list(self.layer_map.layers[keep:])
         probe = self._probe_inputs()
@@ -642,6 +652,10 @@ class STCForSequenceClassification(STCPreTrainedModel):
             expected = self._probe_features(probe)
         except Exception:  # e.g. a backbone that needs inputs besides token ids: no features to compare
             expected = None
+        try:
+            reference = self._rebuilt_layers(self.config.text_config, keep)
+        except Exception as error:
+            reference = error
         del self.layer_map.layers[keep:]
         for config in configs:
             for name, value in list(vars(config).items()):  # per-layer lists (e.g. `layer_types`) lose the rest
@@ -649,7 +663,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 if per_layer and isinstance(value, (list, tuple)) and len(value) == total:
                     setattr(config, name, type(value)(value[:keep]))
             config.num_hidden_layers = keep
-        problem = self._truncation_problem(probe, expected)
+        problem = self._truncation_problem(probe, expected, reference, keep)
         if problem:
             for config, saved in zip(configs, saved_configs):
                 vars(config).clear()
@@ -659,6 +673,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 f"Early exit keeps all {total} layers of {type(self.backbone).__name__}: {problem}. The forward pass "
                 f"still stops after layer {keep - 1}; only the checkpoint is not smaller."
             )
+        else:
+            self.config.backbone_num_layers = max(self.config.num_backbone_layers, total)  # the depth, for reports
         self._build_head_input()
         return self
 
@@ -669,17 +685,33 @@ class STCForSequenceClassification(STCPreTrainedModel):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def _probe_features(self, probe: dict) -> torch.Tensor:
-        """The selected features of `probe`, in eval mode."""
-        training = self.training
+        """The selected features of `probe` in eval mode; every module's mode is restored afterwards."""
+        modes = {module: module.training for module in self.modules()}
         try:
             with torch.no_grad():
                 return self.eval().pooled_features(**probe)
         finally:
-            self.train(training)
+            for module, training in modes.items():
+                module.training = training
 
-    def _truncation_problem(self, probe: dict, expected: torch.Tensor | None) -> str | None:
-        """Why the truncated backbone is not the same model, or None: its features on `probe`, and the backbone that
-        its config rebuilds (validation, parameter names and shapes, numeric settings of the kept layers)."""
+    def _rebuilt_layers(self, config: PreTrainedConfig, keep: int) -> dict:
+        """What `from_pretrained` builds from `config` (on the meta device), its first `keep` layers only: parameter
+        shapes and each kept module's numeric settings, by name."""
+        config = type(config).from_dict(config.to_dict())  # validated as when loading
+        with torch.device("meta"):
+            rebuilt = backbone_class(config).from_config(config)
+        path = self.layer_map.path
+        layers = rebuilt.get_submodule(path)
+        if len(layers) > keep:
+            del layers[keep:]
+        in_layers = lambda name: name == path or name.startswith(path + ".")
+        return {"shapes": {name: tuple(value.shape) for name, value in rebuilt.state_dict().items()},
+                "settings": {name: _numeric_settings(module) for name, module in rebuilt.named_modules()
+                             if in_layers(name)}}
+
+    def _truncation_problem(self, probe: dict, expected, reference, keep: int) -> str | None:
+        """Why the truncated backbone is not the same model, or None: its features on `probe` against `expected`, and
+        the backbone its shortened config rebuilds against `reference`, the full config's without its last layers."""
         if expected is not None:
             try:
                 got = self._probe_features(probe)
@@ -687,21 +719,18 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 return f"the shortened backbone does not run ({type(error).__name__}: {error})"
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
                 return "the shortened backbone gives other features"
-        config = self.config.text_config
+        if isinstance(reference, Exception):
+            return f"its config does not build the backbone here ({type(reference).__name__}: {reference})"
         try:
-            config = type(config).from_dict(config.to_dict())
-            with torch.device("meta"):
-                rebuilt = backbone_class(config).from_config(config)
+            shortened = self._rebuilt_layers(self.config.text_config, keep)
         except Exception as error:
             return f"its shortened config does not build the backbone ({type(error).__name__}: {error})"
-        shapes = lambda model: {name: tuple(value.shape) for name, value in model.state_dict().items()}
-        if shapes(rebuilt) != shapes(self.backbone):
+        if shortened["shapes"] != reference["shapes"]:
             return "its shortened config builds other parameters"
-        path = self.layer_map.path
-        ours, theirs = dict(self.backbone.named_modules()), dict(rebuilt.named_modules())
-        for name, module in ours.items():
-            if name.startswith(path) and _numeric_settings(module) != _numeric_settings(theirs.get(name)):
-                return f"its layers depend on the number of layers (`{name}`)"
+        changed = next((name for name, settings in reference["settings"].items()
+                        if shortened["settings"].get(name) != settings), None)
+        if changed is not None:
+            return f"its layers depend on the number of layers (`{changed}`)"
         return None
 
     def feature_names(self) -> list[tuple[str, str, int, int]]:

@@ -243,7 +243,8 @@ class LabelEncoder:
             if vectors is None:  # fitted before the format was recorded: flags have the model's width
                 vectors = all(isinstance(row, (list, tuple)) and len(row) == config.num_labels
                               and set(row) <= {0, 1} for row in labels)
-        return cls(task, names, config.num_labels, vectors)
+        named = (getattr(config, "fit_summary", None) or {}).get("labels_by_name", True)  # unknown: assumed
+        return cls(task, names, config.num_labels, vectors, named=named)
 
     def encode(self, labels: list, feature=None) -> torch.Tensor:
         """Targets of `labels`. With their `ClassLabel` `feature`, ids are read by class name: a split encoded on its
@@ -277,7 +278,8 @@ class LabelEncoder:
         unless the training labels were ids too."""
         if self.task == "regression" or self.vectors or not self.named or not self.names or _default_names(self.names):
             return
-        if not all(name.lstrip("-").isdigit() for name in self.names):
+        numbers = all(name.lstrip("-").isdigit() for name in self.names)
+        if not numbers or self.names == [str(i) for i in range(len(self.names))]:  # '0', '1', ...: name = id
             return
         rows = labels if self.task == "single_label_classification" else [x for row in labels for x in row]
         given = next((x for x in rows if isinstance(x, int) and not isinstance(x, bool)), None)
@@ -523,6 +525,7 @@ class STCTrainer:
             "candidates_top": candidates[:20],
             "text_pairs": pairs,
             "label_vectors": self.encoder.vectors,
+            "labels_by_name": self.encoder.named,
             "num_train": len(texts),
             "num_validation": len(val_texts),
             "validation": validation,

@@ -67,6 +67,9 @@ def test_card_without_dataset_or_summary():
     # a dense, never-sparsified model still gets a card that says so
     dense = make_model_card(STCModelTester().model("bert"))
     assert "The head is dense" in str(dense)
+    assert "pools the hidden states and MLP neuron activations of every layer" in str(dense)
+    hidden_only = make_model_card(STCModelTester().model("bert", sources=["hidden"]))
+    assert "pools the hidden states of every layer" in str(hidden_only)  # what it reads, not a fixed sentence
 
 
 def test_regression_card_and_local_backbone(tmp_path):

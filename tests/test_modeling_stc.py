@@ -530,6 +530,16 @@ def test_backbone_sharing_blocks_otherwise_is_refused():
     torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="share several blocks"):
         STCForSequenceClassification(STCConfig(text_config=_albert(num_hidden_groups=2).to_dict()))
+    # as many inner blocks as layers: the group (run once per layer) is the block, not its inner list
+    square = STCForSequenceClassification(STCConfig(text_config=_albert(inner_group_num=4).to_dict(),
+                                                    sources=["hidden"])).eval()
+    assert square.layer_map.shared and square.layer_map.path == "encoder.albert_layer_groups"
+    with torch.no_grad():
+        hidden = square.backbone(**STCModelTester.inputs(), output_hidden_states=True).hidden_states
+        pooled = square.pooled_features(**STCModelTester.inputs())
+    columns = [i for i, name in enumerate(square.feature_names()) if name[:3] == ("hidden", "mean", 1)]
+    expected = torch.stack([hidden[8][row][mask[row]].mean(0) for row in range(3)])  # layer 1 = inner block 7
+    torch.testing.assert_close(pooled[:, columns], expected, rtol=1e-5, atol=1e-5)
     funnel = AutoConfig.for_model("funnel", vocab_size=99, d_model=32, n_head=4, d_head=8, d_inner=37,
                                   block_sizes=[1, 1, 1], architectures=["FunnelModel"])
     with pytest.raises(ValueError, match="Cannot find the transformer blocks.*Funnel"):
@@ -706,6 +716,22 @@ def test_selection_indices_first_made_under_inference_mode_serve_autograd_later(
     with torch.inference_mode():
         neurons, positions = model.selector._on("meta")  # a device other than the one the indices live on
     assert not any(index.is_inference() for index in [*neurons.values(), *positions])
+
+
+def test_truncation_leaves_every_module_in_its_mode(tester):
+    model = tester.model("bert", num_labels=2).train()
+    model.backbone.eval()
+    model.set_selection([{"source": "hidden", "pooling": "mean", "layer": 0, "neurons": [0]}], torch.ones(2, 1),
+                        torch.zeros(2))
+    assert model.layer_map.num_layers == 1
+    assert model.training and model.head.training and not any(m.training for m in model.backbone.modules())
+
+
+def test_feed_forward_chunking_is_named(tester):
+    config = tester.backbone_config("bert")
+    config.chunk_size_feed_forward = 4
+    with pytest.raises(ValueError, match="chunks of 4 tokens.*chunk_size_feed_forward=0.*sources=\\['hidden'\\]"):
+        STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
 
 
 def test_frozen_backbone_stays_in_eval_mode(tester):

@@ -338,6 +338,26 @@ def test_single_process_needs_no_accelerate_state(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft calls it
+def test_early_exit_drops_the_layers_of_a_lora_backbone():
+    """LoRA renames the backbone's weights (`base_layer`, `lora_A`): truncation still drops the layers after the exit
+    (its check compares what the configs rebuild, not the wrapped modules), with the same logits."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    stc = STCModelTester(num_layers=4).model("bert", num_labels=2)
+    lora = get_peft_model(stc, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["head"])).eval()
+    inputs = STCModelTester.inputs()
+    stc.set_selection([{"source": "hidden", "pooling": "mean", "layer": 1, "neurons": [0, 1]}], torch.randn(2, 2),
+                      torch.zeros(2), truncate=False)
+    with torch.no_grad():
+        expected = lora(**inputs).logits
+    stc.truncate_backbone()
+    assert stc.layer_map.num_layers == stc.config.text_config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(lora(**inputs).logits, expected)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft calls it
 @pytest.mark.parametrize(
     "arch,targets,dtype",
     [("bert", ["query", "value"], torch.float32), ("llama", ["q_proj", "v_proj", "down_proj"], torch.bfloat16)],

@@ -209,8 +209,13 @@ def test_integer_labels_are_refused_where_classes_are_named_by_numbers(tmp_path)
                                                      features=Features({"text": Value("string"),
                                                                         "label": ClassLabel(names=["1", "2", "3"])})),
                      eval_dataset=(texts[90:], labels[90:]), processing_class=make_tiny_tokenizer())
-    ids.train()  # training ids with a ClassLabel: validation ids are ids
+    ids.train()  # training ids with a ClassLabel: validation ids are ids, also after a reload
     assert ids.evaluate((texts[90:], labels[90:]))["eval_accuracy"] > 0.5
+    ids.save_model(tmp_path / "saved")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(LabelEncoder.for_model(reloaded, [0, 2]).encode([0, 2]), [0, 2])
+    zero_based = LabelEncoder.fit(["0", "1", "1", "0"])  # names '0', '1': the id is the name
+    np.testing.assert_array_equal(zero_based.encode([0, 1]), zero_based.encode(["0", "1"]))
 
 
 def test_tiny_training_sets_split_or_say_why_not(tmp_path):
@@ -709,11 +714,11 @@ def test_labelled_rows_given_as_pairs_get_a_pointer(tmp_path):
 
 
 def test_fit_leaves_dropout_off_and_a_device_map_in_place(tmp_path):
-    """A backbone placed with `device_map` (here one layer offloaded to disk) is fitted where it is, and the fitted
-    model answers the same twice: the fit does not switch the backbone's dropout on."""
+    """A backbone placed with `device_map` (here the embeddings and one layer offloaded to disk) is fitted where it
+    is, and the fitted model answers the same twice: the fit does not switch the backbone's dropout on."""
     torch.manual_seed(0)
     AutoModel.from_config(STCModelTester().backbone_config("bert")).save_pretrained(tmp_path / "backbone")
-    device_map = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "cpu",
+    device_map = {"embeddings": "disk", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "cpu",
                   "pooler": "cpu"}
     model = STCForSequenceClassification.from_backbone_pretrained(
         tmp_path / "backbone", num_labels=2, hidden_dropout_prob=0.5, device_map=device_map,
