@@ -533,6 +533,17 @@ def load_stc(name: str, *, device: str | None = None, tokenizer: bool = True):
                        "model (`tokenizer.save_pretrained(folder)`, as `STCTrainer.save_model` does).") from error
 
 
+def _max_length(args, model, tokenizer) -> int | None:
+    """Tokens per text for `evaluate` / `predict`: --max-length, else the fit's, else the tokenizer's limit; at most
+    the backbone's window. None when the model reads long texts in chunks."""
+    if model.config.long_input_chunks:
+        return None
+    limit = getattr(tokenizer, "model_max_length", None)
+    limits = [args.max_length or _saved_max_length(args.model) or (limit if limit and limit < 1_000_000 else None),
+              getattr(model, "_window", None)]
+    return min((value for value in limits if value), default=None)
+
+
 def _saved_max_length(name: str):
     """`max_length` of the fit, from the checkpoint's stc_training_args.json (None when unknown)."""
     file = Path(name).expanduser() / "stc_training_args.json"
@@ -722,10 +733,7 @@ def cmd_evaluate(args) -> int:
     texts = _split_texts(dataset, f"split {split!r}")
     model, tokenizer = load_stc(args.model, device=args.device)
     targets, task = _labels_for_model(model, dataset)
-    max_length = args.max_length or _saved_max_length(args.model)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if max_length is None and not model.config.long_input_chunks and limit and limit < 1_000_000:
-        max_length = limit  # as `stc predict`: the tokenizer's limit
+    max_length = _max_length(args, model, tokenizer)
     tick = time.perf_counter()
     logits = predict_logits(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
                             progress=False)
@@ -822,7 +830,7 @@ def cmd_predict(args) -> int:
     call = {"batch_size": args.batch_size}
     if not model.config.long_input_chunks:  # chunked models read long texts whole
         call["truncation"] = True
-        max_length = args.max_length or _saved_max_length(args.model)
+        max_length = _max_length(args, model, tokenizer)
         if max_length:
             call["max_length"] = max_length
     if args.top_k:

@@ -57,6 +57,12 @@ def check_names(values, allowed, what: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _outermost(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs nearest the root: nested lists would be inside a block."""
+    depth = min((name.count(".") for name, _ in items), default=None)
+    return [item for item in items if item[0].count(".") == depth]
+
+
 def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList, int]:
     """Return (attribute path, ModuleList, layers per forward pass) of the backbone's transformer blocks.
 
@@ -69,41 +75,39 @@ def find_layer_list(backbone: nn.Module) -> tuple[str, nn.ModuleList, int]:
         (name, module) for name, module in modules
         if len(module) > 0 and all(isinstance(child, GradientCheckpointingLayer) for child in module)
     ]
+    if candidates:
+        path, layers = _outermost(candidates)[0]
+        return path, layers, len(layers)
     num_layers = getattr(backbone.config.get_text_config(), "num_hidden_layers", None)
     containers = (nn.ModuleList, nn.ModuleDict)  # a list of lists is a stack of stages, not of blocks
-    if not candidates:
-        candidates = [
-            (name, module) for name, module in modules
-            if len(module) == num_layers and len({type(child) for child in module}) == 1
-            and not isinstance(module[0], containers)
-            and not any(part.isdigit() for part in name.split("."))  # not a stack inside one group of a list
-        ]
-        depth = min((name.count(".") for name, _ in candidates), default=None)
-        if len([name for name, _ in candidates if name.count(".") == depth]) > 1:
-            raise ValueError(
-                f"{type(backbone).__name__} keeps the parts of its layers in parallel lists "
-                f"({', '.join(name for name, _ in candidates if name.count('.') == depth)}), not one block per layer "
-                "whose output is the layer's output (e.g. XLM, FlauBERT). STC cannot hook it: it is not supported."
-            )
-    if not candidates and isinstance(num_layers, int) and num_layers > 1:
-        # one block reused for every layer: the outermost list holding a single block, if only one list is there
-        single = [(name, module) for name, module in modules
-                  if len(module) == 1 and not isinstance(module[0], containers)]
-        depth = min((name.count(".") for name, _ in single), default=None)
-        outermost = [item for item in single if item[0].count(".") == depth]
-        if len(outermost) == 1:
-            return (*outermost[0], num_layers)
-    if not candidates:
+    stacks = _outermost([
+        (name, module) for name, module in modules
+        if len(module) == num_layers and len({type(child) for child in module}) == 1
+        and not isinstance(module[0], containers)
+        and not any(part.isdigit() for part in name.split("."))  # not a stack inside one group of a list
+    ])
+    if len(stacks) > 1:
         raise ValueError(
-            f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
-            "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
-            "blocks) or one block run for every layer (ALBERT). Backbones that share several blocks between layers "
-            "(e.g. ALBERT with 1 < `num_hidden_groups` < `num_hidden_layers`) or group their layers into stages "
-            "(e.g. Funnel Transformer) are not supported."
+            f"{type(backbone).__name__} keeps the parts of its layers in parallel lists "
+            f"({', '.join(name for name, _ in stacks)}), not one block per layer whose output is the layer's output "
+            "(e.g. XLM, FlauBERT). STC cannot hook it: it is not supported."
         )
-    # The outermost list is the stack of blocks (nested lists would be inside a block).
-    path, layers = min(candidates, key=lambda item: item[0].count("."))
-    return path, layers, len(layers)
+    if stacks:
+        path, layers = stacks[0]
+        return path, layers, len(layers)
+    if isinstance(num_layers, int) and num_layers > 1:
+        # one block reused for every layer: the outermost list holding a single block, if only one list is there
+        single = _outermost([(name, module) for name, module in modules
+                             if len(module) == 1 and not isinstance(module[0], containers)])
+        if len(single) == 1:
+            return (*single[0], num_layers)
+    raise ValueError(
+        f"Cannot find the transformer blocks of {type(backbone).__name__}: STC needs a list of one module per "
+        "layer (transformers' `GradientCheckpointingLayer` blocks, or a ModuleList with `num_hidden_layers` "
+        "blocks) or one block run for every layer (ALBERT). Backbones that share several blocks between layers "
+        "(e.g. ALBERT with 1 < `num_hidden_groups` < `num_hidden_layers`) or group their layers into stages "
+        "(e.g. Funnel Transformer) are not supported."
+    )
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -238,8 +238,9 @@ def test_report_needs_no_tokenizer(capsys, tmp_path):
 
 
 def test_evaluate_and_predict_truncate_at_the_tokenizer_limit_and_need_a_tokenizer(fitted, capsys, tmp_path):
-    """Without stc_training_args.json, `evaluate` truncates at the tokenizer's limit as `predict` does (the
-    backbone reads 512 positions, the text has 600 words); a folder without tokenizer files gets a clear error."""
+    """Without stc_training_args.json, `evaluate` and `predict` truncate at the tokenizer's limit, at most the
+    backbone's window (512 positions; the text has 600 words); a folder without tokenizer files gets a clear
+    error."""
     import shutil
 
     output, _ = fitted
@@ -247,12 +248,13 @@ def test_evaluate_and_predict_truncate_at_the_tokenizer_limit_and_need_a_tokeniz
     shutil.copytree(output, bare)
     (bare / "stc_training_args.json").unlink()
     tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
-    (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 48}))
     long = write_csv(tmp_path / "long.csv", [(" ".join(f"w{i % 90}" for i in range(600)), "pos")] * 2)
-    for argv in (("evaluate", "--data", long, "--text-column", "review", "--label-column", "sentiment"),
-                 ("predict", "--input", long, "--text-column", "review")):
-        code, _, err = run(capsys, *argv[:1], "--model", bare, *argv[1:])
-        assert code == 0, err
+    for limit in (48, int(1e30)):  # a tokenizer without a limit: the backbone's window
+        (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": limit}))
+        for argv in (("evaluate", "--data", long, "--text-column", "review", "--label-column", "sentiment"),
+                     ("predict", "--input", long, "--text-column", "review")):
+            code, _, err = run(capsys, *argv[:1], "--model", bare, *argv[1:])
+            assert code == 0, err
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         (bare / name).unlink(missing_ok=True)
     code, _, err = run(capsys, "predict", "--model", bare, "--text", "w1 w2")

@@ -100,7 +100,6 @@ class TestEveryArchitecture:
         same logits as a full forward (with gradients, nothing stops), and the down-projection never runs."""
         model = tester.model(arch, num_labels=2, sources=["mlp"], poolings=["mean", "max"])
         inputs = tester.inputs()
-        last = tester.num_layers - 1
         calls = []
         runs = model.layer_map.num_layers // len(model.layer_map.layers)  # calls per forward (ALBERT: every layer)
         handle = model.layer_map.down_projections[-1].register_forward_hook(lambda *_: calls.append(1))
