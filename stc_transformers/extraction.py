@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,10 @@ def check_texts(texts) -> list:
                 advice = ("Pairs hold two texts; give labelled rows as (texts, labels), two lists."
                           if pair is not None else "Clean the text column.")
                 raise ValueError(f"Text {i} is a {type(part).__name__}, not a string: {part!r:.80}. {advice}")
-            if not part.strip():
+            if all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in part):
                 raise ValueError(
-                    f"Text {i} is empty or only whitespace. Drop empty rows before fitting or predicting."
+                    f"Text {i} is empty or only whitespace, control or zero-width characters ({part!r:.40}). Drop "
+                    "empty rows before fitting or predicting."
                 )
         checked.append(pair or text)
     return checked

@@ -452,7 +452,8 @@ def test_negative_label_ids_point_to_unlabelled_rows(tmp_path):
         trainer.evaluate(Dataset.from_dict({"text": texts[:4], "label": [-1] * 4}))
 
 
-@pytest.mark.parametrize("bad,match", [("", "Text 2 is empty"), ("   ", "Text 2 is empty"), (None, "Text 2 is a NoneType")])
+@pytest.mark.parametrize("bad,match", [("", "Text 2 is empty"), ("   ", "Text 2 is empty"), (None, "Text 2 is a NoneType"),
+                                       ("\u200b\ufeff\x07", "Text 2 is empty or only whitespace, control or zero-width")])
 def test_empty_or_non_string_texts(tmp_path, bad, match):
     texts = ["w1 w2", "w3", bad, "w4"]
     with pytest.raises(ValueError, match=match):
