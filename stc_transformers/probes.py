@@ -699,7 +699,8 @@ def probe_objective(X, Y, task, fit: ProbeFit, strengths, *, penalty="l1") -> to
 def score_predictions(outputs: torch.Tensor, Y, task) -> torch.Tensor:
     """Score [G, S] of outputs [G, S, n, C]; higher is better.
 
-    Single-label: accuracy; multi-label: micro-F1 at logit 0; regression: R^2 averaged over targets.
+    Single-label: accuracy; multi-label: micro-F1 at logit 0; regression: R^2 averaged over targets (NaN where
+    every target column is constant).
     """
     _check_task(task)
     Y = torch.as_tensor(Y, device=outputs.device)
@@ -714,7 +715,11 @@ def score_predictions(outputs: torch.Tensor, Y, task) -> torch.Tensor:
         return torch.where(tp > 0, 2 * tp / (2 * tp + errors), torch.zeros_like(tp))
     ss_res = (outputs - Y).square().sum(-2)
     ss_tot = (Y - Y.mean(0)).square().sum(0)
-    return (1 - ss_res / ss_tot.clamp(min=torch.finfo(ss_tot.dtype).tiny)).mean(-1).to(torch.float32)
+    r2 = 1 - ss_res / ss_tot.clamp(min=torch.finfo(ss_tot.dtype).tiny)
+    # undefined for constant targets (a small cross-validation fold): spread within float rounding of their mean
+    rounding = Y.shape[0] * (4 * torch.finfo(Y.dtype).eps * Y.abs().amax(0)).square()
+    r2 = torch.where(ss_tot > rounding, r2, torch.nan)
+    return r2.nanmean(-1).to(torch.float32)
 
 
 def validation_loss(outputs: torch.Tensor, Y, task) -> torch.Tensor:

@@ -429,11 +429,17 @@ class SelectionSearch:
         return [self, *self.folds]
 
     def _pooled(self, values: list) -> float | torch.Tensor:
-        """Scores (or losses) of `self.searches`, in that order, averaged with their validation rows as weights."""
+        """Scores (or losses) of `self.searches`, in that order, averaged with their validation rows as weights; a
+        NaN (R^2 of a fold whose held-out targets are constant) counts on the others."""
         if not self.folds:
             return values[0]
         weights = [len(search.val_rows) for search in self.searches]
-        return sum(w * value for w, value in zip(weights, values)) / sum(weights)
+        if not isinstance(values[0], torch.Tensor):
+            known = [(w, value) for w, value in zip(weights, values) if not math.isnan(value)]
+            return sum(w * value for w, value in known) / sum(w for w, _ in known) if known else math.nan
+        known = [~value.isnan() for value in values]
+        total = sum(w * torch.where(k, value, 0.0) for w, k, value in zip(weights, known, values))
+        return total / sum(w * k for w, k in zip(weights, known))
 
     # -- stages 2 and 3 ----------------------------------------------------------------------------------------------
 
@@ -592,7 +598,8 @@ class SelectionSearch:
             found = [(len(search.val_rows), keyed[candidate.key]) for search, keyed in zip(self.searches, by_key)
                      if candidate.key in keyed]
             total = sum(weight for weight, _ in found)
-            score = sum(weight * c.score for weight, c in found) / total
+            scored = [(weight, c) for weight, c in found if not math.isnan(c.score)] or found  # see `_pooled`
+            score = sum(weight * c.score for weight, c in scored) / sum(weight for weight, _ in scored)
             loss = sum(weight * c.loss for weight, c in found) / total
             pooled.append(replace(candidate, score=score, loss=loss))
         return pooled

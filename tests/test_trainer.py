@@ -176,7 +176,8 @@ def test_regression_does_not_depend_on_the_targets_offset_or_units(tmp_path):
 
 
 def test_a_cross_validation_fold_without_signal_is_skipped(tmp_path):
-    """One non-zero training target: the fold holding it out has constant targets and keeps no neuron."""
+    """One non-zero training target: the fold holding it out has constant targets and keeps no neuron, and the
+    other folds' held-out targets are constant."""
     texts, labels = synthetic_texts(120, 2, seed=2)
     targets = [0.0] * 30
     targets[3] = 3.0
@@ -185,6 +186,8 @@ def test_a_cross_validation_fold_without_signal_is_skipped(tmp_path):
                          train_dataset=(texts[:30], targets), eval_dataset=(texts[30:], validation),
                          processing_class=make_tiny_tokenizer())
     assert trainer.train().metric == "r2"
+    # folds whose held-out targets are all 0 have no R^2: they count for nothing (they scored -1e38 and swamped it)
+    assert trainer.model.config.fit_summary["chosen"]["cross_validated_score"] > -1e6
 
 
 def test_integer_labels_are_refused_where_classes_are_named_by_numbers(tmp_path):
