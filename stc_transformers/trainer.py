@@ -413,6 +413,11 @@ def _split_indices(num: int, labels, fraction: float, seed: int, stratify: bool)
             f"{num} training examples are too few for an internal validation split (every class needs two): pass "
             "`eval_dataset=` or more examples."
         )
+    if len(val) > 2 * fraction * num and len(val) > 1:  # classes of two or three rows each give one to validation
+        warnings.warn(
+            f"The internal validation split holds {len(val)} of {num} training examples ({len(val) / num:.0%}, not "
+            f"{fraction:.0%}): most classes have only a few rows, and each gives one to validation. Pass "
+            "`eval_dataset=` to keep them for training.", stacklevel=3)
     return np.sort(train), np.sort(val)
 
 

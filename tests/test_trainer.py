@@ -226,8 +226,13 @@ def test_tiny_training_sets_split_or_say_why_not(tmp_path):
     four = {"text": ["w1 w2", "w3", "w4 w5 w6", "w7"], "label": [0, 1, 0, 1]}  # one validation text per class
     trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "four"), train_dataset=four,
                          processing_class=tokenizer)
-    trainer.train()
+    with pytest.warns(UserWarning, match="holds 2 of 4 training examples"):
+        trainer.train()
     assert trainer.model.config.fit_summary["num_validation"] == 2
+    pairs = {"text": [f"w{i}" for i in range(12)], "label": [f"class {i // 2}" for i in range(12)]}
+    with pytest.warns(UserWarning, match="holds 6 of 12 training examples \\(50%, not 15%\\).*eval_dataset"):
+        STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "pairs"), train_dataset=pairs,
+                   processing_class=tokenizer).train()
     singletons = {"text": ["w1", "w2", "w3"], "label": ["a", "b", "c"]}
     trainer = STCTrainer(STCModelTester().model("bert"), small_args(tmp_path / "one"), train_dataset=singletons,
                          processing_class=tokenizer)
