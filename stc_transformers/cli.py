@@ -535,13 +535,12 @@ def load_stc(name: str, *, device: str | None = None, tokenizer: bool = True):
 
 def _max_length(args, model, tokenizer) -> int | None:
     """Tokens per text for `evaluate` / `predict`: --max-length, else the fit's, else the tokenizer's limit; at most
-    the backbone's window. None when the model reads long texts in chunks."""
-    if model.config.long_input_chunks:
-        return None
+    the backbone's window (`trainer.token_limit`). None when the model reads long texts in chunks."""
+    from .trainer import token_limit
+
     limit = getattr(tokenizer, "model_max_length", None)
-    limits = [args.max_length or _saved_max_length(args.model) or (limit if limit and limit < 1_000_000 else None),
-              getattr(model, "_window", None)]
-    return min((value for value in limits if value), default=None)
+    wanted = args.max_length or _saved_max_length(args.model) or (limit if limit and limit < 1_000_000 else None)
+    return token_limit(model, wanted)
 
 
 def _saved_max_length(name: str):

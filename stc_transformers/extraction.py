@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .features_stc import eval_mode
 from .modeling_stc import feature_groups, group_size
 from .tokenization import LengthSortedBatches
 
@@ -356,27 +357,19 @@ def extract_features(
             block = pooled[:, offsets[(source, pooling)] : offsets[(source, pooling)] + num_layers * dim]
             array[:, index] = block.reshape(len(index), num_layers, dim).transpose(1, 0, 2)
 
-    was_training = model.training
-    model.eval()
     if sharded:
-        try:
+        with eval_mode(model):
             return _extract_shard(accelerator, cache, arrays, write_batch, commit_every=commit_every,
                                   progress=progress, description=description)
-        finally:
-            model.train(was_training)
     started = time.perf_counter()
-    bar = tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description, disable=not progress,
-               unit="batch")
-    try:
+    with eval_mode(model), tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description,
+                                disable=not progress, unit="batch") as bar:
         for number in range(cache.meta["batches_done"], len(batches)):
             write_batch(number)
             bar.update(1)
             if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
                 _commit(cache, arrays, number + 1, time.perf_counter() - started)
                 started = time.perf_counter()
-    finally:
-        bar.close()
-        model.train(was_training)
     return cache
 
 

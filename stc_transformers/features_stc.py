@@ -278,6 +278,18 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run `model` in eval mode, then give every module back its own mode (not the top module's to all)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class _StopForward(Exception):
     """Raised by a hook once every requested feature is pooled; `capture_pooled` swallows it."""
 

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .extraction import check_texts
+from .features_stc import eval_mode
 from .tokenization import encode, prepare_tokenizer
 
 
@@ -332,10 +333,8 @@ def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None 
     layers = sorted(set(feature_layer.tolist()))
     weight = model.head.classifier.weight.detach()
     bias = model.head.classifier.bias.detach()
-    was_training = model.training
-    model.eval()
     explanations = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             # a model reading long texts in chunks sees them whole, as in `pipeline`
@@ -366,8 +365,6 @@ def explain(model, tokenizer, texts, *, top_k: int = 10, max_length: int | None 
                     layer_contributions={layer: per_layer[row, :, layer].tolist() for layer in layers},
                     top_neurons=top,
                 ))
-    finally:
-        model.train(was_training)
     return explanations
 
 

@@ -33,6 +33,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_stc import STCConfig, is_causal_backbone
 from .features_stc import (
+    eval_mode,
     ChunkPlan,
     LayerMap,
     backbone_window,
@@ -397,6 +398,16 @@ class STCForSequenceClassification(STCPreTrainedModel):
         model.name_or_path = str(pretrained_model_name_or_path)
         return model.eval()  # as `from_pretrained` returns models
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter, or, for a backbone dispatched with `device_map`
+        (layers offloaded to disk or spread over devices), the device its first module runs on."""
+        placement = getattr(getattr(self, "backbone", None), "hf_device_map", None)
+        if placement:
+            first = next(iter(placement.values()))
+            return torch.device("cpu" if first == "disk" else first)
+        return super().device
+
     # ---------------------------------------------------------------------------------------------------------------
     # forward
     # ---------------------------------------------------------------------------------------------------------------
@@ -551,16 +562,6 @@ class STCForSequenceClassification(STCPreTrainedModel):
     # sparsification and early exit
     # ---------------------------------------------------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the device of the first parameter, or, for a backbone dispatched with `device_map`
-        (layers offloaded to disk or spread over devices), the device its first module runs on."""
-        placement = getattr(getattr(self, "backbone", None), "hf_device_map", None)
-        if placement:
-            first = next(iter(placement.values()))
-            return torch.device("cpu" if first == "disk" else first)
-        return super().device
-
     def freeze_backbone(self, frozen: bool = True) -> "STCForSequenceClassification":
         """Stop (or restart) gradient updates of the backbone; only the head trains.
 
@@ -686,13 +687,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
 
     def _probe_features(self, probe: dict) -> torch.Tensor:
         """The selected features of `probe` in eval mode; every module's mode is restored afterwards."""
-        modes = {module: module.training for module in self.modules()}
-        try:
-            with torch.no_grad():
-                return self.eval().pooled_features(**probe)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(self), torch.no_grad():
+            return self.pooled_features(**probe)
 
     def _rebuilt_layers(self, config: PreTrainedConfig, keep: int) -> dict:
         """What `from_pretrained` builds from `config` (on the meta device), its first `keep` layers only: parameter

@@ -287,6 +287,12 @@ class _PrefixGrams:
         return self.gram, self.cross_gram
 
 
+def _mean_of_known(weights: list, values: list) -> float:
+    """Weighted mean of the values that are not NaN (NaN when none is)."""
+    known = [(w, value) for w, value in zip(weights, values) if not math.isnan(value)]
+    return sum(w * value for w, value in known) / sum(w for w, _ in known) if known else math.nan
+
+
 class SelectionSearch:
     """Runs the search for one problem; see the module docstring."""
 
@@ -435,8 +441,7 @@ class SelectionSearch:
             return values[0]
         weights = [len(search.val_rows) for search in self.searches]
         if not isinstance(values[0], torch.Tensor):
-            known = [(w, value) for w, value in zip(weights, values) if not math.isnan(value)]
-            return sum(w * value for w, value in known) / sum(w for w, _ in known) if known else math.nan
+            return _mean_of_known(weights, values)
         known = [~value.isnan() for value in values]
         total = sum(w * torch.where(k, value, 0.0) for w, k, value in zip(weights, known, values))
         return total / sum(w * k for w, k in zip(weights, known))
@@ -597,10 +602,9 @@ class SelectionSearch:
         for candidate in lists[0]:
             found = [(len(search.val_rows), keyed[candidate.key]) for search, keyed in zip(self.searches, by_key)
                      if candidate.key in keyed]
-            total = sum(weight for weight, _ in found)
-            scored = [(weight, c) for weight, c in found if not math.isnan(c.score)] or found  # see `_pooled`
-            score = sum(weight * c.score for weight, c in scored) / sum(weight for weight, _ in scored)
-            loss = sum(weight * c.loss for weight, c in found) / total
+            weights = [weight for weight, _ in found]
+            score = _mean_of_known(weights, [c.score for _, c in found])  # see `_pooled`
+            loss = _mean_of_known(weights, [c.loss for _, c in found])
             pooled.append(replace(candidate, score=score, loss=loss))
         return pooled
 

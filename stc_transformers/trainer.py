@@ -80,14 +80,7 @@ class STCTrainingArguments:
                 raise ValueError(f"STCTrainingArguments.{name} must be {expected}, got {getattr(self, name)!r}.")
 
     def token_limit(self, model) -> int | None:
-        """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`, at most as
-        many as the backbone reads (its position window)."""
-        if model.config.long_input_chunks:
-            return None
-        window = getattr(model, "_window", None)
-        if window is None:
-            return self.max_length
-        return window if self.max_length is None else min(self.max_length, window)
+        return token_limit(model, self.max_length)
 
     def search_settings(self, device) -> SearchSettings:
         return SearchSettings(
@@ -123,6 +116,17 @@ class PredictionOutput:
 def _feature_names(feature) -> list[str] | None:
     """Class names of a `ClassLabel` feature, or of a sequence of them (multi-label)."""
     return getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+
+
+def token_limit(model, max_length: int | None) -> int | None:
+    """Tokens per text: all of them when the model reads long texts in chunks, else `max_length`, at most as many as
+    the backbone reads (its position window)."""
+    if model.config.long_input_chunks:
+        return None
+    window = getattr(model, "_window", None)
+    if window is None:
+        return max_length
+    return window if max_length is None else min(max_length, window)
 
 
 def _default_names(names) -> bool:
