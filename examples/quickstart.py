@@ -15,8 +15,8 @@ Run it from the repository root:
 
     python examples/quickstart.py
 
-Time: about 1 minute on 2 CPU cores (54 s measured on this project's idle 2-core machine: feature extraction
-29 s, neuron search and refit 20 s).
+Time: about 1 minute on 2 CPU cores (50 s measured on this project's idle 2-core machine: feature extraction
+32 s, neuron search and refit 13 s).
 
 Writes `outputs/quickstart-minilm-rotten-tomatoes/` (the checkpoint, git-ignored) and
 `model_cards/minilm-rotten-tomatoes.md` + `.png` (its model card). The same fit from the command line:

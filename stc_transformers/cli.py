@@ -36,7 +36,8 @@ BACKBONE_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 SEARCH_DEFAULTS = {"etas": (0.5, 0.8, 0.9, 0.95, 0.99),
                    "strength_ratios": (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.003, 0.001),
                    "final_strengths": (0.01, 0.1, 1.0, 10.0), "search_samples": 3000, "max_iter": 100,
-                   "finalists": 3, "early_exit_tolerance": 0.002, "cv_folds": 5, "cv_below": 200}
+                   "finalists": 3, "early_exit_tolerance": 0.002, "min_relative_spread": 0.01, "cv_folds": 5,
+                   "cv_below": 200}
 SOURCES = ("hidden", "mlp")
 POOLINGS = ("mean", "max", "first", "last")
 
@@ -91,6 +92,7 @@ _fraction = _checked("_fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")
 _open_fraction = _checked("_open_fraction", float, lambda v: 0 < v < 1, "in (0, 1)")
 _positive_float = _checked("_positive_float", float, lambda v: v > 0, "> 0")
 _non_negative_float = _checked("_non_negative_float", float, lambda v: v >= 0, ">= 0")
+_spread = _checked("_spread", float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _spaced(values) -> str:
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="best (blocks, eta) pairs of a subsampled search refitted on every training row")
     search.add_argument("--early-exit-tolerance", type=_non_negative_float, default=SEARCH_DEFAULTS["early_exit_tolerance"],
                         help="prefer an earlier exit layer within this validation-score margin")
+    search.add_argument("--min-relative-spread", type=_spread, default=SEARCH_DEFAULTS["min_relative_spread"],
+                        help="leave out neurons whose spread over the training texts is below this share of their "
+                             "size (bfloat16/float16 rounding exceeds it; 0: keep all)")
     search.add_argument("--cv-folds", type=_folds, default=SEARCH_DEFAULTS["cv_folds"],
                         help="cross-validation folds of the training sample scored with a small validation set "
                              "(0: validation set alone)")
@@ -623,8 +628,8 @@ def cmd_fit(args) -> int:
         max_length=args.max_length, batch_size=args.batch_size, cache_dir=str(cache_dir),
         validation_fraction=args.validation_fraction, search_samples=args.search_samples, max_iter=args.max_iter,
         finalists=args.finalists,
-        early_exit_tolerance=args.early_exit_tolerance, cv_folds=args.cv_folds, cv_below=args.cv_below,
-        seed=args.seed, device=args.device,
+        early_exit_tolerance=args.early_exit_tolerance, min_relative_spread=args.min_relative_spread,
+        cv_folds=args.cv_folds, cv_below=args.cv_below, seed=args.seed, device=args.device,
         progress=not args.no_progress, **search,
     )
     trainer = STCTrainer(model, training_args, train_dataset=train, eval_dataset=validation,

@@ -40,6 +40,8 @@ from .features_stc import (
     capture_pooled,
     first_position_id,
     ids_position_table,
+    MIN_RELATIVE_SPREAD,
+    steady_features,
 )
 
 
@@ -124,6 +126,14 @@ class STCFeatureSelector:
                          dim=-1)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None where it is off (or unknown, as on "meta")."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
+
+
 class STCHead(nn.Module):
     """Standardise the selected features with stored statistics, then a linear classifier. Kept in float32."""
 
@@ -140,7 +150,11 @@ class STCHead(nn.Module):
         return (features - self.feature_mean) / self.feature_scale
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.standardized(features.to(self.classifier.weight.dtype)))
+        features = features.to(self.classifier.weight.dtype)
+        if autocast_dtype(features.device.type) is None:
+            return self.classifier(self.standardized(features))
+        with torch.autocast(features.device.type, enabled=False):  # float32 under autocast too
+            return self.classifier(self.standardized(features))
 
 
 class STCPreTrainedModel(PreTrainedModel):
@@ -509,10 +523,26 @@ class STCForSequenceClassification(STCPreTrainedModel):
             )
             if value is not None
         }
+        self._check_precision()
         features = self.pooled_features(input_ids, attention_mask, **backbone_inputs)
         logits = self.head(features)
         loss = self.loss(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _check_precision(self):
+        """Warn (once) when the backbone runs in float16 / bfloat16 and the head standardises features whose spread
+        its rounding exceeds (`steady_features`; fits leave them out, older checkpoints may have them)."""
+        dtype = autocast_dtype(self.device.type) or self.backbone.dtype
+        if dtype not in (torch.float16, torch.bfloat16) or not self.config.standardize:
+            return
+        unsteady = int((~steady_features(self.head.feature_mean, self.head.feature_scale)).sum())
+        if unsteady:
+            logger.warning_once(
+                f"{unsteady} of the head's features vary over the training texts by less than "
+                f"{MIN_RELATIVE_SPREAD:.0%} of their size: in {str(dtype).removeprefix('torch.')} their rounding "
+                "error exceeds that spread and can change the predictions. Run the backbone in float32, or refit: "
+                "fits leave such features out."
+            )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Regression / single-label / multi-label loss on `config.problem_type` (inferred as in transformers)."""

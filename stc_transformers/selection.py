@@ -7,7 +7,9 @@ disk in row chunks.
 
 Search, for each problem type:
 1. per block and layer, L1 probes over a data-adaptive strength grid (ratios of each layer's `lambda_max`,
-   extended while the best strength sits at the weak edge); a layer's score is its best validation score;
+   extended while the best strength sits at the weak edge); a layer's score is its best validation score. Neurons
+   whose spread over the training rows is below `min_relative_spread` of their size are left out
+   (`features_stc.steady_features`): rounding in bfloat16 or float16 moves them by more than their spread;
 2. per family of blocks (all blocks and each source; also each pooling with `families="all"`) and eta: keep per
    layer the smallest neuron set reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all
    layers' kept neurons;
@@ -41,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .extraction import FeatureCache, empty_rows
+from .features_stc import MIN_RELATIVE_SPREAD, steady_features
 from .probes import (
     ProbeFit,
     RowSpace,
@@ -73,6 +76,7 @@ class SearchSettings:
     families: str = "sources"
     finalists: int = 3
     early_exit_tolerance: float = 0.002
+    min_relative_spread: float = MIN_RELATIVE_SPREAD
     cv_folds: int = 5
     cv_below: int = 200
     chunk_rows: int = 4096
@@ -399,17 +403,22 @@ class SelectionSearch:
         """L1 probes of every layer of one block over the strength grid: weights [layers, S, dim, C], scores."""
         X, X_val = self._block(stats, block, validation=False), self._block(stats, block, validation=True)
         y = self.y_sample
-        lam_max = lambda_max(X.to(self.device), y.to(self.device), self.task,
+        mean, scale = (torch.from_numpy(values) for values in stats[block])
+        steady = steady_features(mean, scale, self.settings.min_relative_spread)
+        mask = None if steady.all() else steady.to(self.device)
+        lam_max = lambda_max(X.to(self.device), y.to(self.device), self.task, mask,
                              num_classes=self.num_labels if self.task == "single_label_classification" else None)
         strengths = lam_max[:, None] * ratios.to(lam_max)[None, :]
-        fit = self._fit(X, y, strengths)
-        return {"X": X, "X_val": X_val, "strengths": strengths, "scores": self._score(X_val, fit).cpu(),
-                "weight": fit.weight.cpu()}
+        fit = self._fit(X, y, strengths, feature_mask=mask)
+        return {"X": X, "X_val": X_val, "mask": mask, "strengths": strengths,
+                "scores": self._score(X_val, fit).cpu(), "weight": fit.weight.cpu()}
 
     def _extend_grid(self, grid: dict, edge: torch.Tensor):
         """Two weaker strengths (0.3x and 0.1x the weakest) for the `edge` layers; -inf scores for the others."""
         weaker = grid["strengths"][edge, -1:] * torch.tensor([0.3, 0.1]).to(grid["strengths"])
-        extra = self._fit(grid["X"][edge], self.y_sample, weaker)
+        mask = grid["mask"]
+        extra = self._fit(grid["X"][edge], self.y_sample, weaker,
+                          feature_mask=None if mask is None else mask[edge.to(mask.device)])
         scores, weight = grid["scores"], grid["weight"]
         scores = torch.cat([scores, scores.new_full((scores.shape[0], 2), -math.inf)], 1)
         scores[edge, -2:] = self._score(grid["X_val"][edge], extra).cpu()

@@ -51,6 +51,7 @@ class STCTrainingArguments:
     families: str = SearchSettings.families
     finalists: int = SearchSettings.finalists
     early_exit_tolerance: float = SearchSettings.early_exit_tolerance
+    min_relative_spread: float = SearchSettings.min_relative_spread
     cv_folds: int = SearchSettings.cv_folds
     cv_below: int = SearchSettings.cv_below
     seed: int = 42
@@ -72,6 +73,7 @@ class STCTrainingArguments:
             ("families", self.families in ("sources", "all"), "'sources' or 'all'"),
             ("finalists", self.finalists >= 1, "a positive integer"),
             ("early_exit_tolerance", self.early_exit_tolerance >= 0, ">= 0"),
+            ("min_relative_spread", 0 <= self.min_relative_spread < 1, "in [0, 1)"),
             ("cv_folds", self.cv_folds == 0 or self.cv_folds >= 2, "0 (off) or at least 2"),
             ("cv_below", self.cv_below >= 0, ">= 0"),
         ]
@@ -87,8 +89,8 @@ class STCTrainingArguments:
             etas=tuple(self.etas), strength_ratios=tuple(self.strength_ratios),
             final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
             max_iter=self.max_iter, tol=self.tol, families=self.families, finalists=self.finalists,
-            early_exit_tolerance=self.early_exit_tolerance, cv_folds=self.cv_folds, cv_below=self.cv_below,
-            device=device,
+            early_exit_tolerance=self.early_exit_tolerance, min_relative_spread=self.min_relative_spread,
+            cv_folds=self.cv_folds, cv_below=self.cv_below, device=device,
             seed=self.seed, progress=self.progress,
         )
 

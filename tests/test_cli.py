@@ -157,6 +157,7 @@ def test_fit_saves_checkpoint_card_and_metrics(fitted, data):
                  "stc_training_args.json", "candidates.csv"):
         assert (output / name).is_file(), name
     assert not (output / "feature_cache").exists()
+    assert json.loads((output / "stc_training_args.json").read_text())["min_relative_spread"] == 0.01
     card = (output / "README.md").read_text()
     assert "| test | Accuracy |" in card and "local files train.csv, validation.csv, test.csv" in card
     # the saved model works in a plain pipeline and labels keep their names
@@ -564,6 +565,8 @@ def test_traceback_flag_reraises(fitted, capsys, workdir):
     (["report", "--model", "m", "--top-neurons", "-1"], "argument --top-neurons: must be >= 0, got -1"),
     (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--cv-below", "-1"],
      "argument --cv-below: must be >= 0, got -1"),  # 0 is allowed: as STCTrainingArguments(cv_below=0)
+    (["fit", "--model", "m", "--data", "sample", "--output-dir", "x", "--min-relative-spread", "1"],
+     "argument --min-relative-spread: must be in [0, 1), got 1"),
 ])
 def test_usage_errors_exit_2(argv, fragment, capsys):
     code, out, err = run(capsys, *argv)

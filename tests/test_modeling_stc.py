@@ -249,6 +249,31 @@ def test_bfloat16_backbone_keeps_float32_head(tester, tmp_path):
     torch.testing.assert_close(loaded.eval()(**tester.inputs()).logits, model.eval()(**tester.inputs()).logits)
 
 
+def test_reduced_precision_warns_about_features_steadier_than_its_rounding(tester):
+    """A head standardising a feature of spread 2e-5 around 8.0 (older fits selected such max-pooled outlier
+    dimensions) warns in bfloat16, where 8.0 rounds to steps of 0.06, and not in float32; under autocast the head
+    still computes in float32."""
+    from transformers.testing_utils import CaptureLogger
+
+    from stc_transformers import modeling_stc
+
+    model, inputs = tester.model("bert").eval(), tester.inputs()
+    modeling_stc.logger.warning_once.cache_clear()
+    with CaptureLogger(modeling_stc.logger) as captured:
+        model(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**inputs).logits
+    assert captured.out == "" and logits.dtype == torch.float32
+    model.head.feature_mean[3], model.head.feature_scale[3] = 8.0, 2e-5
+    with CaptureLogger(modeling_stc.logger) as captured:
+        model(**inputs)
+    assert captured.out == ""
+    for run in (lambda: model.to(torch.bfloat16)(**inputs), lambda: model.to(torch.float16)(**inputs)):
+        with CaptureLogger(modeling_stc.logger) as captured:
+            run()
+        assert "1 of the head's features vary over the training texts by less than 1%" in captured.out
+
+
 def test_l1_strength_adds_penalty_only_in_training(tester):
     model = tester.model("bert", num_labels=2, l1_strength=0.01)
     labels = torch.tensor([0, 1, 1])

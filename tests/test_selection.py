@@ -17,6 +17,7 @@ from stc_transformers.selection import (
     block_rows,
     block_statistics,
 )
+from stc_transformers.features_stc import steady_features
 
 
 def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCache, dict]:
@@ -180,6 +181,27 @@ def test_layer_probes_extend_the_grid_only_for_the_layers_at_the_weak_edge(tmp_p
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.95, 0.9]))
     torch.testing.assert_close(weight[1], fits[3].weight[0, 0])  # the extension's weight replaces layer 1's
     torch.testing.assert_close(weight[0], fits[2].weight[0, 0])
+
+
+def test_layer_probes_leave_out_neurons_steadier_than_reduced_precision_resolves(tmp_path):
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][1, :, 0] > 1).astype(int)
+    values = arrays[("mlp", "max")]
+    values[:, :, 2] = 8.0 + 1e-4 * y  # predicts every label, but bfloat16 rounds 8.0 to steps of 0.06
+    np.save(tmp_path / "mlp_max.npy", values)
+    stats = block_statistics(cache, 128)
+    steady = steady_features(*map(torch.from_numpy, stats[("mlp", "max")]))
+    assert not steady[:, 2].any() and steady[:, [0, 1, 3, 4, 5, 6]].all()
+    assert steady_features(*map(torch.from_numpy, stats[("hidden", "mean")])).all()  # constant neuron 4 (scale 1) is harmless
+
+    def layer_weights(**settings):
+        search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                                 SearchSettings(progress=False, **settings))
+        return search.layer_probes(stats)[("mlp", "max")][0]  # [layers, dim, classes]
+
+    weight = layer_weights()
+    assert (weight[:, 2] == 0).all() and (weight[1] != 0).any()
+    assert (layer_weights(min_relative_spread=0.0)[:, 2] != 0).all()  # without the rule it carries every probe
 
 
 def cv_search(tmp_path, y, num_validation, **settings) -> SelectionSearch:
