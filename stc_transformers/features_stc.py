@@ -314,7 +314,10 @@ class _Capture:
         self.mask = mask
         self.pads_to_window = pads_to_window  # Longformer, BigBird: states come back longer, padded at the end
         self.dims = dims  # {source: features per token}
-        self.spans = token_spans(mask)  # computed once per batch
+        # While torch.export / torch.compile trace the model, nothing may branch on tensor values: padding is
+        # masked (no token spans) and the backbone is not stopped early (a fitted backbone ends at its exit layer).
+        tracing = torch.compiler.is_compiling()
+        self.spans = None if tracing else token_spans(mask)  # computed once per batch
         self.requests = requests  # {(source, layer): tuple of poolings}
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
         self.num_layers = num_layers
@@ -330,8 +333,9 @@ class _Capture:
         self.pool_early = not torch.is_grad_enabled()
         self.last = max(layer for _, layer in requests) if requests else None
         only_mlp = ("mlp", self.last) in requests and ("hidden", self.last) not in requests
-        self.stop_layer = self.last if self.pool_early else None
-        self.mlp_stop_layer = self.last if only_mlp and self.pool_early else None
+        stops = self.pool_early and not tracing
+        self.stop_layer = self.last if stops else None
+        self.mlp_stop_layer = self.last if only_mlp and stops else None
 
     def _pool_into(self, source, layer, states):
         batch, tokens = self.mask.shape
@@ -407,8 +411,8 @@ class _Capture:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if ("hidden", index) in self.requests:
                 self._pool_into("hidden", index, hidden)
-            if ("mlp", index) in self.requests and not self.pool_early:
-                mlp = self.stash.pop(index)
+            mlp = self.stash.pop(index, None)  # None: its hook never ran (the capture's end says why)
+            if mlp is not None:
                 if torch.is_grad_enabled() and hidden.requires_grad and not mlp.requires_grad:
                     raise RuntimeError(
                         "MLP activations were captured without gradient (reentrant activation checkpointing). "
@@ -458,7 +462,8 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
             raise ValueError(
                 f"The backbone ran without calling the hooks of its blocks ({missing[0][0]} of layer "
                 f"{missing[0][1]} never came): it calls them outside `nn.Module.__call__` (e.g. SqueezeBERT's "
-                "`layer.forward(...)`). It is not supported."
+                "`layer.forward(...)`), which is not supported, or its modules were replaced after the model was "
+                "built (e.g. by `torch.ao.quantization.quantize_dynamic`; torchao's `quantize_` keeps them)."
             )
         if layer_map.shared and not stopped and state.blocks_done != layer_map.num_layers:
             raise ValueError(
@@ -487,12 +492,14 @@ def ids_position_table(backbone: nn.Module) -> nn.Module | None:
     return None
 
 
-def first_position_id(backbone: nn.Module) -> int:
+def first_position_id(backbone: nn.Module) -> int | torch.Tensor:
     """The position id of a text's first token when none are passed: the first entry of the backbone's
-    `position_ids` buffer where it keeps one (2 in YOSO, MRA and Nystromformer), else 0."""
+    `position_ids` buffer where it keeps one (2 in YOSO, MRA and Nystromformer), else 0. While `torch.export` or
+    `torch.compile` trace the model it is that entry as a tensor: its value is not known then."""
     for name, buffer in backbone.named_buffers():
         if name.split(".")[-1] == "position_ids" and buffer.numel():
-            return int(buffer.reshape(-1)[0])
+            first = buffer.reshape(-1)[0]
+            return first if torch.compiler.is_compiling() else int(first)
     return 0
 
 

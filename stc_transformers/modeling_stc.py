@@ -481,9 +481,11 @@ class STCForSequenceClassification(STCPreTrainedModel):
                 else:  # from the first real token: the backbone's own positions for right padding, shifted past left
                     leading = (real.cumsum(-1) == 0).sum(-1, keepdim=True)
                     positions = torch.arange(real.shape[1], device=real.device) - leading
-                    if self._first_position is None:
-                        self._first_position = first_position_id(self.backbone)
-                    positions = positions.clamp(min=0) + self._first_position
+                    first = self._first_position
+                    if first is None:
+                        first = first_position_id(self.backbone)
+                        self._first_position = first if isinstance(first, int) else None  # a tensor while tracing
+                    positions = positions.clamp(min=0) + first
                 backbone_inputs["position_ids"] = positions
             try:
                 self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
@@ -532,6 +534,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
     def _check_precision(self):
         """Warn (once) when the backbone runs in float16 / bfloat16 and the head standardises features whose spread
         its rounding exceeds (`steady_features`; fits leave them out, older checkpoints may have them)."""
+        if torch.compiler.is_compiling():  # the count below is a tensor value, unknown while tracing
+            return
         dtype = autocast_dtype(self.device.type) or self.backbone.dtype
         if dtype not in (torch.float16, torch.bfloat16) or not self.config.standardize:
             return

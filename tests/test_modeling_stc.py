@@ -274,6 +274,21 @@ def test_reduced_precision_warns_about_features_steadier_than_its_rounding(teste
         assert "1 of the head's features vary over the training texts by less than 1%" in captured.out
 
 
+@pytest.mark.parametrize("arch,padding_side", [("bert", "right"), ("llama", "left")])
+def test_torch_export_gives_the_eager_logits(tester, arch, padding_side):
+    """A fitted (sparsified, truncated) model exports with `torch.export`, the first step of `torch.onnx.export`,
+    with dynamic batch size and length; the exported program gives the eager logits on other shapes too."""
+    model = tester.model(arch).sparsify(0.5)
+    inputs = tester.inputs(padding_side=padding_side)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=64)}
+    program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes={name: dims for name in inputs})
+    for batch, length in ((3, 7), (5, 11)):
+        other = tester.inputs(batch=batch, length=length, seed=1, padding_side=padding_side)
+        with torch.no_grad():
+            expected = model(**other).logits
+        torch.testing.assert_close(program.module()(**other).logits, expected)
+
+
 def test_l1_strength_adds_penalty_only_in_training(tester):
     model = tester.model("bert", num_labels=2, l1_strength=0.01)
     labels = torch.tensor([0, 1, 1])
@@ -455,6 +470,12 @@ def test_backbones_with_other_layouts_are_refused(tester):
             model(**tester.inputs())
     with pytest.raises(ValueError, match="no single dense MLP"):  # its MLP is a 1-D convolution
         STCForSequenceClassification(STCConfig(text_config=squeeze.to_dict()))
+    model = tester.model("bert")  # a down-projection replaced after the model was built, as quantize_dynamic does
+    layer = model.backbone.encoder.layer[1].output
+    layer.dense = torch.nn.Linear(layer.dense.in_features, layer.dense.out_features)
+    for gradients in (True, False):
+        with torch.set_grad_enabled(gradients), pytest.raises(ValueError, match=r"mlp of layer 1 never came.*replaced"):
+            model(**tester.inputs())
     canine = CanineConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
                           num_hash_buckets=64, max_position_embeddings=64)
     with pytest.raises(ValueError, match="not one stack of blocks"):
