@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prefer an earlier exit layer within this validation-score margin")
     search.add_argument("--min-relative-spread", type=_spread, default=SEARCH_DEFAULTS["min_relative_spread"],
                         help="leave out neurons whose spread over the training texts is below this share of their "
-                             "size (bfloat16/float16 rounding exceeds it; 0: keep all)")
+                             "size (a margin over bfloat16 / float16 rounding, up to 0.4%% / 0.05%% of a value; "
+                             "0: keep all)")
     search.add_argument("--cv-folds", type=_folds, default=SEARCH_DEFAULTS["cv_folds"],
                         help="cross-validation folds of the training sample scored with a small validation set "
                              "(0: validation set alone)")

@@ -274,14 +274,22 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     return picked.masked_fill(~has_tokens, 0.0)
 
 
+def is_tracing() -> bool:
+    """Whether torch.export, torch.compile or torch.jit.trace is tracing the model: nothing may then branch on tensor
+    values (the trace would keep one batch's values as constants)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def steady_features(mean: torch.Tensor, scale: torch.Tensor, min_relative_spread: float = MIN_RELATIVE_SPREAD):
     """Which pooled features (bool, of `mean`'s shape) vary over the training texts by at least `min_relative_spread`
     of their size: std >= min_relative_spread * (|mean| + std).
 
-    A feature that is almost constant far from zero (a max-pooled outlier dimension of BERT-like encoders: 8.0 +- 2e-5
-    in MiniLM) is standardised into thousands of units by rounding errors: bfloat16 rounds 8.0 to steps of 0.06. The
-    fit leaves such features out (three of them took a float32 fit of MiniLM from 0.829 to 0.578 test accuracy when
-    its checkpoint ran in bfloat16; without them it kept 0.832), and a model that has them warns in reduced precision.
+    Rounding moves a value by up to 0.4% of its size in bfloat16 (0.05% in float16), and standardisation divides that
+    by the feature's spread: a feature almost constant far from zero (a max-pooled outlier dimension of BERT-like
+    encoders: 8.0 +- 2e-5 in MiniLM, where bfloat16 rounds 8.0 to steps of 0.06) moves by thousands of units. The
+    default 1% is a margin of 2.5x over bfloat16's rounding. The fit leaves the other features out (three of them
+    took a float32 fit of MiniLM from 0.829 to 0.578 test accuracy when its checkpoint ran in bfloat16; without them
+    it kept 0.832), and a model that has them warns in reduced precision.
     """
     return scale >= min_relative_spread * (mean.abs() + scale)
 
@@ -314,9 +322,9 @@ class _Capture:
         self.mask = mask
         self.pads_to_window = pads_to_window  # Longformer, BigBird: states come back longer, padded at the end
         self.dims = dims  # {source: features per token}
-        # While torch.export / torch.compile trace the model, nothing may branch on tensor values: padding is
-        # masked (no token spans) and the backbone is not stopped early (a fitted backbone ends at its exit layer).
-        tracing = torch.compiler.is_compiling()
+        # While the model is traced (`is_tracing`), nothing may branch on tensor values: padding is masked (no token
+        # spans) and the backbone is not stopped early (a fitted backbone ends at its exit layer anyway).
+        tracing = is_tracing()
         self.spans = None if tracing else token_spans(mask)  # computed once per batch
         self.requests = requests  # {(source, layer): tuple of poolings}
         self.neurons = neurons  # {(source, layer): LongTensor of neuron ids} or {} for all neurons
@@ -494,12 +502,12 @@ def ids_position_table(backbone: nn.Module) -> nn.Module | None:
 
 def first_position_id(backbone: nn.Module) -> int | torch.Tensor:
     """The position id of a text's first token when none are passed: the first entry of the backbone's
-    `position_ids` buffer where it keeps one (2 in YOSO, MRA and Nystromformer), else 0. While `torch.export` or
-    `torch.compile` trace the model it is that entry as a tensor: its value is not known then."""
+    `position_ids` buffer where it keeps one (2 in YOSO, MRA and Nystromformer), else 0. While the model is traced
+    (`is_tracing`) it is that entry as a tensor."""
     for name, buffer in backbone.named_buffers():
         if name.split(".")[-1] == "position_ids" and buffer.numel():
             first = buffer.reshape(-1)[0]
-            return first if torch.compiler.is_compiling() else int(first)
+            return first if is_tracing() else int(first)
     return 0
 
 

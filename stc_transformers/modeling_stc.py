@@ -8,6 +8,7 @@ Self-contained with relative imports only: the Hub copies this file flat for `tr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -40,6 +41,7 @@ from .features_stc import (
     capture_pooled,
     first_position_id,
     ids_position_table,
+    is_tracing,
     MIN_RELATIVE_SPREAD,
     steady_features,
 )
@@ -151,9 +153,9 @@ class STCHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.classifier.weight.dtype)
-        if autocast_dtype(features.device.type) is None:
-            return self.classifier(self.standardized(features))
-        with torch.autocast(features.device.type, enabled=False):  # float32 under autocast too
+        device_type = features.device.type  # float32 under autocast too
+        autocast = autocast_dtype(device_type) is not None
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             return self.classifier(self.standardized(features))
 
 
@@ -312,6 +314,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
     def __init__(self, config: STCConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
         self._backbone_frozen = False  # `freeze_backbone`
+        self._precision_checked = None  # (head, dtype) of the last `_check_precision`
         model_class = backbone_class(config.text_config)  # refuses encoder-decoder models without an encoder class
         if backbone is None:
             backbone = model_class.from_config(config.text_config)
@@ -438,6 +441,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         (`ChunkPlan`), run with at most as many tokens per backbone call as the input had, and their pooled features
         recombined per row.
         """
+        self._check_precision()
         reference = input_ids if input_ids is not None else backbone_inputs.get("inputs_embeds")
         if reference is None:
             raise ValueError("Pass `input_ids` (or `inputs_embeds`) from the tokenizer.")
@@ -525,27 +529,30 @@ class STCForSequenceClassification(STCPreTrainedModel):
             )
             if value is not None
         }
-        self._check_precision()
         features = self.pooled_features(input_ids, attention_mask, **backbone_inputs)
         logits = self.head(features)
         loss = self.loss(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     def _check_precision(self):
-        """Warn (once) when the backbone runs in float16 / bfloat16 and the head standardises features whose spread
-        its rounding exceeds (`steady_features`; fits leave them out, older checkpoints may have them)."""
-        if torch.compiler.is_compiling():  # the count below is a tensor value, unknown while tracing
+        """Warn (once) when the backbone runs in float16 / bfloat16 and the head standardises features too steady for
+        its rounding (`steady_features`; fits leave them out, older checkpoints may have them). Checked once per head
+        and dtype."""
+        if is_tracing():  # the count below is a tensor value, unknown while tracing
             return
         dtype = autocast_dtype(self.device.type) or self.backbone.dtype
         if dtype not in (torch.float16, torch.bfloat16) or not self.config.standardize:
             return
+        if self._precision_checked == (self.head, dtype) or self.head.feature_mean.is_meta:
+            return
+        self._precision_checked = (self.head, dtype)
         unsteady = int((~steady_features(self.head.feature_mean, self.head.feature_scale)).sum())
         if unsteady:
             logger.warning_once(
                 f"{unsteady} of the head's features vary over the training texts by less than "
-                f"{MIN_RELATIVE_SPREAD:.0%} of their size: in {str(dtype).removeprefix('torch.')} their rounding "
-                "error exceeds that spread and can change the predictions. Run the backbone in float32, or refit: "
-                "fits leave such features out."
+                f"{MIN_RELATIVE_SPREAD:.0%} of their size: in {str(dtype).removeprefix('torch.')} rounding (up to "
+                f"{torch.finfo(dtype).eps / 2:.2%} of a value) is a large share of that spread and can change the "
+                "predictions. Run the backbone in float32, or refit: fits leave such features out."
             )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ Search, for each problem type:
 1. per block and layer, L1 probes over a data-adaptive strength grid (ratios of each layer's `lambda_max`,
    extended while the best strength sits at the weak edge); a layer's score is its best validation score. Neurons
    whose spread over the training rows is below `min_relative_spread` of their size are left out
-   (`features_stc.steady_features`): rounding in bfloat16 or float16 moves them by more than their spread;
+   (`features_stc.steady_features`): rounding in bfloat16 or float16 is a large share of their spread;
 2. per family of blocks (all blocks and each source; also each pooling with `families="all"`) and eta: keep per
    layer the smallest neuron set reaching `eta` of the L1 probe's importance, fit the final L2 classifier on all
    layers' kept neurons;
@@ -534,9 +534,12 @@ class SelectionSearch:
         candidates = self._pool_candidates([search._all_layer_candidates(families, bar) for search in searches])
         bar.close()
         if not candidates:
+            spread = self.settings.min_relative_spread
             raise ValueError(
                 "No layer probe kept any neuron: the training labels give the probes nothing to fit (e.g. constant "
                 "regression targets, or too few examples). Check the labels or add examples."
+                + (f" Or lower `min_relative_spread` ({spread}; default {MIN_RELATIVE_SPREAD}): it leaves out every "
+                   "neuron whose spread is below that share of its size." if spread > MIN_RELATIVE_SPREAD else "")
             )
         if self.folds:
             best = self._tie_break(candidates, lambda c: c.score, lambda c: c.loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -257,36 +258,59 @@ def test_reduced_precision_warns_about_features_steadier_than_its_rounding(teste
 
     from stc_transformers import modeling_stc
 
-    model, inputs = tester.model("bert").eval(), tester.inputs()
+    inputs = tester.inputs()
     modeling_stc.logger.warning_once.cache_clear()
+    model = tester.model("bert")
     with CaptureLogger(modeling_stc.logger) as captured:
         model(**inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(**inputs).logits
     assert captured.out == "" and logits.dtype == torch.float32
+    model = tester.model("bert")
     model.head.feature_mean[3], model.head.feature_scale[3] = 8.0, 2e-5
     with CaptureLogger(modeling_stc.logger) as captured:
         model(**inputs)
     assert captured.out == ""
-    for run in (lambda: model.to(torch.bfloat16)(**inputs), lambda: model.to(torch.float16)(**inputs)):
-        with CaptureLogger(modeling_stc.logger) as captured:
-            run()
-        assert "1 of the head's features vary over the training texts by less than 1%" in captured.out
+    def float16():
+        model.backbone.to(torch.float16)
+        return contextlib.nullcontext()
+
+    for dtype, context in {"bfloat16": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "float16": float16}.items():
+        with CaptureLogger(modeling_stc.logger) as captured, context():
+            model(**inputs)
+        assert f"1 of the head's features vary over the training texts by less than 1% of their size: in {dtype}" \
+            in captured.out
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:DeprecationWarning",
+                            "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("arch,padding_side", [("bert", "right"), ("llama", "left")])
-def test_torch_export_gives_the_eager_logits(tester, arch, padding_side):
+def test_torch_export_and_jit_trace_give_the_eager_logits(tester, arch, padding_side):
     """A fitted (sparsified, truncated) model exports with `torch.export`, the first step of `torch.onnx.export`,
-    with dynamic batch size and length; the exported program gives the eager logits on other shapes too."""
-    model = tester.model(arch).sparsify(0.5)
-    inputs = tester.inputs(padding_side=padding_side)
+    with dynamic batch size and length, also with a bfloat16 backbone whose head warns in eager mode; the exported
+    program gives the eager logits on other shapes and paddings. `torch.jit.trace` (the older ONNX exporter) keeps
+    no batch's padding as a constant."""
+    model = tester.model(arch)
+    zero_layer_weights(model, 2)
+    model.sparsify(0.5)
+    assert model.backbone.config.num_hidden_layers == 2  # truncated after layer 1
+    inputs = tester.inputs(batch=4, length=9, padding_side=padding_side)
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=64)}
-    program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes={name: dims for name in inputs})
-    for batch, length in ((3, 7), (5, 11)):
-        other = tester.inputs(batch=batch, length=length, seed=1, padding_side=padding_side)
-        with torch.no_grad():
-            expected = model(**other).logits
-        torch.testing.assert_close(program.module()(**other).logits, expected)
+    for dtype in (torch.float32, torch.bfloat16):
+        model.backbone.to(dtype)
+        model.head.feature_mean[0], model.head.feature_scale[0] = 8.0, 2e-5  # too steady for bfloat16
+        program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes={name: dims for name in inputs})
+        for batch, length in ((3, 7), (5, 11)):
+            other = tester.inputs(batch=batch, length=length, seed=1, padding_side=padding_side)
+            with torch.no_grad():
+                expected = model(**other).logits
+            torch.testing.assert_close(program.module()(**other).logits, expected)
+    model.backbone.to(torch.float32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example_kwarg_inputs=dict(inputs), strict=False)
+        other = tester.inputs(batch=4, length=9, seed=1, padding_side=padding_side)
+        other["attention_mask"][2, slice(3, None) if padding_side == "right" else slice(0, 6)] = 0  # padded now
+        torch.testing.assert_close(traced(**other)["logits"], model(**other).logits)
 
 
 def test_l1_strength_adds_penalty_only_in_training(tester):

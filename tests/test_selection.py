@@ -202,6 +202,12 @@ def test_layer_probes_leave_out_neurons_steadier_than_reduced_precision_resolves
     weight = layer_weights()
     assert (weight[:, 2] == 0).all() and (weight[1] != 0).any()
     assert (layer_weights(min_relative_spread=0.0)[:, 2] != 0).all()  # without the rule it carries every probe
+    weight = layer_weights(strength_ratios=(0.5, 0.3))  # best at the weak edge: the grid is extended, still masked
+    assert (weight[:, 2] == 0).all() and (weight[1] != 0).any()
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, min_relative_spread=0.99))
+    with pytest.raises(ValueError, match=r"No layer probe kept any neuron.*lower `min_relative_spread` \(0.99"):
+        search.run()
 
 
 def cv_search(tmp_path, y, num_validation, **settings) -> SelectionSearch:

@@ -40,6 +40,25 @@ def small_args(tmp_path, **kwargs):
     return STCTrainingArguments(**{**defaults, **kwargs})
 
 
+def test_training_arguments_reach_the_search_settings():
+    """Every search setting of `STCTrainingArguments` (all but the fields the trainer itself reads) is the one the
+    search gets, so a non-default value is never dropped on the way."""
+    import dataclasses
+
+    from stc_transformers.selection import SearchSettings
+
+    own = {"output_dir", "text_column", "text_pair_column", "label_column", "max_length", "batch_size", "cache_dir",
+           "validation_fraction", "device"}
+    changed = {"etas": (0.7,), "strength_ratios": (0.4,), "final_strengths": (3.0,), "search_samples": 123,
+               "max_iter": 7, "tol": 0.5, "families": "all", "finalists": 2, "early_exit_tolerance": 0.05,
+               "min_relative_spread": 0.05, "cv_folds": 3, "cv_below": 9, "seed": 5, "progress": False}
+    fields = {field.name for field in dataclasses.fields(STCTrainingArguments)}
+    assert fields - own == set(changed)
+    settings = STCTrainingArguments(**changed).search_settings("cpu")
+    assert {name: getattr(settings, name) for name in changed} == changed
+    assert set(changed) <= {field.name for field in dataclasses.fields(SearchSettings)}
+
+
 def make_trainer(tmp_path, arch="bert", num_classes=2, n=160, seed=0, **kwargs):
     texts, labels = synthetic_texts(n, num_classes, seed)
     names = [f"class_{i}" for i in range(num_classes)]
