@@ -13,9 +13,13 @@ import pytest
 import torch
 from conftest import STCModelTester, make_tiny_tokenizer
 from test_trainer import synthetic_texts
-from transformers import AutoModel, pipeline
+from transformers import AutoModel, AutoTokenizer, pipeline
 
 from stc_transformers.cli import main
+from stc_transformers import STCForSequenceClassification
+from stc_transformers.data import load_sample_dataset
+from stc_transformers.metrics import compute_metrics
+from stc_transformers.trainer import predict_logits
 
 
 NAMES = ["neg", "pos"]
@@ -249,13 +253,22 @@ def test_evaluate_and_predict_truncate_at_the_tokenizer_limit_and_need_a_tokeniz
     shutil.copytree(output, bare)
     (bare / "stc_training_args.json").unlink()
     tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
-    long = write_csv(tmp_path / "long.csv", [(" ".join(f"w{i % 90}" for i in range(600)), "pos")] * 2)
-    for limit in (48, int(1e30)):  # a tokenizer without a limit: the backbone's window
+    text = " ".join(f"w{i % 90}" for i in range(600))
+    long = write_csv(tmp_path / "long.csv", [(text, "pos")] * 2)
+    classifier, scores = pipeline("text-classification", model=str(output)), {}
+    for limit, tokens in ((48, 48), (int(1e30), 512)):  # a tokenizer without a limit: the backbone's window
         (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": limit}))
         for argv in (("evaluate", "--data", long, "--text-column", "review", "--label-column", "sentiment"),
                      ("predict", "--input", long, "--text-column", "review")):
             code, _, err = run(capsys, *argv[:1], "--model", bare, *argv[1:])
             assert code == 0, err
+        code, out, err = run(capsys, "predict", "--model", bare, "--text", text, "--top-k", "2")
+        assert code == 0, err
+        predicted = {p["label"]: p["score"] for p in json.loads(out)["predictions"]}
+        expected = {p["label"]: p["score"] for p in classifier(text, truncation=True, max_length=tokens, top_k=None)}
+        assert predicted == pytest.approx(expected, abs=1e-5)  # the text cut at `tokens` tokens
+        scores[tokens] = predicted
+    assert scores[48] != pytest.approx(scores[512], abs=1e-3)  # the two cuts are told apart
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         (bare / name).unlink(missing_ok=True)
     code, _, err = run(capsys, "predict", "--model", bare, "--text", "w1 w2")
@@ -279,7 +292,11 @@ def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sampl
                          "--max-eval-samples", "20")
     assert code == 0, err
     result = json.loads(out)
-    assert result["split"] == "test" and result["num_texts"] == 20 and 0 <= result["metrics"]["accuracy"] <= 1
+    assert result["split"] == "test" and result["num_texts"] == 20
+    sample = load_sample_dataset()["test"].shuffle(seed=42).select(range(20))  # --max-eval-samples, default --seed
+    predicted = [p["label"] for p in pipeline("text-classification", model=str(tmp_path / "out"))(list(sample["text"]))]
+    truth = [sample.features["label"].int2str(y) for y in sample["label"]]
+    assert result["metrics"]["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]))
 
 
 def test_fit_multi_label_and_regression(backbone, capsys, tmp_path):
@@ -293,6 +310,13 @@ def test_fit_multi_label_and_regression(backbone, capsys, tmp_path):
     assert "Validation micro_f1" in out
     code, out, _ = run(capsys, "evaluate", "--model", tmp_path / "multi", "--data", file, "--label-column", "tags")
     assert code == 0 and {"micro_f1", "macro_f1", "subset_accuracy"} == set(json.loads(out)["metrics"])
+    model = STCForSequenceClassification.from_pretrained(tmp_path / "multi")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "multi")
+    order = [model.config.id2label[i] for i in range(3)]  # the model's columns, by tag name
+    targets = np.array([[tag in g for tag in order] for g in tags], dtype=float)
+    logits = predict_logits(model, tokenizer, texts, progress=False)
+    expected = compute_metrics(logits, targets, "multi_label_classification")
+    assert json.loads(out)["metrics"] == pytest.approx(expected)
 
     targets = [float(y) * 2 - 1 for y in labels]
     file = write_jsonl(tmp_path / "scores.jsonl", [{"text": t, "label": s} for t, s in zip(texts, targets)])
@@ -300,7 +324,9 @@ def test_fit_multi_label_and_regression(backbone, capsys, tmp_path):
     assert code == 0, err
     assert "Validation r2" in out
     code, out, _ = run(capsys, "predict", "--model", tmp_path / "reg", "--text", texts[0])
-    assert code == 0 and isinstance(json.loads(out)["score"], float)
+    model = STCForSequenceClassification.from_pretrained(tmp_path / "reg")
+    raw = predict_logits(model, AutoTokenizer.from_pretrained(tmp_path / "reg"), texts[:1], progress=False)
+    assert code == 0 and json.loads(out)["score"] == pytest.approx(float(raw[0, 0]), abs=1e-5)  # the value itself
 
 
 def test_sentence_pairs_fit_evaluate_predict(backbone, capsys, tmp_path):
@@ -315,7 +341,8 @@ def test_sentence_pairs_fit_evaluate_predict(backbone, capsys, tmp_path):
                              *columns, "--output-dir", tmp_path / "out", *FAST)
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test_metrics"]["test_accuracy"] >= 0.65  # the label is in the second text only
+    assert metrics["test_metrics"]["test_accuracy"] >= 0.65  # the label is in the second text only: chance is 0.5,
+    # and 0.65 on these 50 rows is 2 standard errors above it
     code, out, err = run(capsys, "evaluate", "--model", tmp_path / "out", "--data", test, *columns)
     assert code == 0, err
     assert json.loads(out)["metrics"]["accuracy"] == pytest.approx(metrics["test_metrics"]["test_accuracy"])

@@ -50,7 +50,9 @@ def test_dedup_and_split_is_deterministic_and_stratified():
 def test_dedup_and_split_regression_and_tiny_classes():
     reg = Dataset.from_dict({"text": [f"t{i}" for i in range(30)], "label": [i / 10 for i in range(30)]})
     dd = dedup_and_split(reg, seed=0)
-    assert sum(len(s) for s in dd.values()) == 30
+    splits = [set(dd[name]["text"]) for name in ("train", "validation", "test")]
+    assert all(splits) and set.union(*splits) == set(reg["text"]) and sum(map(len, splits)) == 30  # disjoint
+    assert len(dd["train"]) >= 20  # most rows train
     odd = tiny_dataset(12, labels=("a", "b", "c", "d", "e", "f", "g"))  # too small to stratify
     assert sum(len(s) for s in dedup_and_split(odd, seed=0).values()) == 12
 

@@ -10,6 +10,7 @@ from conftest import STCModelTester, make_tiny_tokenizer
 
 from stc_transformers.interpret import Explanation, STCReport, explain, stc_report
 from stc_transformers.modeling_stc import feature_groups, group_size
+from stc_transformers.tokenization import prepare_tokenizer
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,10 +130,16 @@ def test_explain_batches_and_model_method_agree(model, tokenizer):
 
 
 def test_explain_pads_decoder_batches_and_restores_train_mode():
+    """A decoder's texts of different lengths, explained in one padded batch, get the logits of each text alone."""
     model = fitted_model("llama").train()
     tokenizer = make_tiny_tokenizer(pad=False)
     explanations = explain(model, tokenizer, TEXTS)
     assert len(explanations) == 3 and model.training
+    prepared = prepare_tokenizer(tokenizer, model)
+    for text, explanation in zip(TEXTS, explanations):
+        with torch.no_grad():
+            alone = model.eval()(**prepared([text], return_tensors="pt")).logits[0]
+        torch.testing.assert_close(torch.as_tensor(explanation.logits), alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("problem_type,num_labels", [("multi_label_classification", 3), ("regression", 1)])

@@ -56,6 +56,11 @@ class TestEveryArchitecture:
         model = tester.model(arch, num_labels=num_labels, problem_type=problem_type)
         out = model(**tester.inputs(), labels=labels)
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        F = torch.nn.functional
+        losses = {"single_label_classification": lambda z: F.cross_entropy(z, labels),
+                  "multi_label_classification": lambda z: F.binary_cross_entropy_with_logits(z, labels),
+                  "regression": lambda z: F.mse_loss(z.squeeze(-1), labels)}
+        torch.testing.assert_close(out.loss, losses[problem_type](out.logits))
         tuple_out = model(**tester.inputs(), labels=labels, return_dict=False)
         assert isinstance(tuple_out, tuple)
         torch.testing.assert_close(tuple_out[0], out.loss)
@@ -231,7 +236,7 @@ def test_causal_attention_survives_round_trip(tester, tmp_path):
     other = torch.tensor([[5, 9, 10, 11]])
     for m in (model.eval(), loaded):
         torch.testing.assert_close(m.pooled_features(ids), m.pooled_features(other))
-        torch.testing.assert_close(m(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
 def test_bfloat16_backbone_keeps_float32_head(tester, tmp_path):
@@ -681,16 +686,18 @@ def test_backbones_stc_cannot_read_are_refused_or_read_right(tester):
 def test_moe_and_state_space_backbones_use_hidden_states_only():
     from transformers import JambaConfig, Qwen2MoeConfig
 
-    moe = Qwen2MoeConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    moe = Qwen2MoeConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=37, moe_intermediate_size=16,
                          shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
-    hybrid = JambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=32, pad_token_id=0)  # Mamba + attention blocks
+    hybrid = JambaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=32, pad_token_id=0, attn_layer_period=2,
+                         attn_layer_offset=1)  # Mamba + attention blocks
     for config in (moe, hybrid):
         with pytest.raises(ValueError, match="no single dense MLP.*sources=\\['hidden'\\]"):
             STCForSequenceClassification(STCConfig(text_config=config.to_dict()))
         hidden_only = STCForSequenceClassification(STCConfig(text_config=config.to_dict(), sources=["hidden"])).eval()
         assert hidden_only(**STCModelTester.inputs()).logits.shape == (3, 2)
+        assert_captures_match_the_backbone(hidden_only, STCModelTester.inputs())  # layer 1 (not the last: normed)
 
 
 def test_label_ids_out_of_range(tester):
@@ -840,13 +847,19 @@ def test_trainer_trains_saves_best_and_resumes(tester, tmp_path, frozen):
     assert isinstance(trainer.model, STCForSequenceClassification)
     checkpoint = tmp_path / "checkpoint-3"
     assert (checkpoint / "model.safetensors").exists()
-    # resume from the epoch-1 checkpoint to the end
-    resumed = Trainer(model=tester.model("bert", num_labels=2).freeze_backbone(frozen), args=args,
+    # the best checkpoint (lowest evaluation loss) is the model at the end
+    losses = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    best_step = min(losses, key=losses.get)
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses[best_step], abs=1e-6)
+    # resume from the epoch-1 checkpoint to the end: the same run as without the interruption
+    resumed = Trainer(model=tester.model("bert", num_labels=2, seed=1).freeze_backbone(frozen), args=args,
                       train_dataset=data, eval_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer))
     assert resumed.train(resume_from_checkpoint=str(checkpoint)).global_step == 6
-    eval_metrics = resumed.evaluate()
-    assert np.isfinite(eval_metrics["eval_loss"])
+    final = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    for name, parameter in resumed.model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -164,9 +164,10 @@ def test_masked_features_get_exact_zeros_and_match_the_submatrix():
     for g in range(2):
         alone = fit_linear_probes(X[g : g + 1, :, mask[g]], y, SINGLE, strengths, **TIGHT)
         torch.testing.assert_close(fit.weight[g][:, mask[g]], alone.weight[0], atol=1e-7, rtol=0)
-    # the mask also applies at prediction time
-    full = predict_probes(X, fit, feature_mask=mask)
-    torch.testing.assert_close(full, predict_probes(X, fit))
+    # the mask also applies at prediction time: weights put on masked features are not read
+    noisy = ProbeFit(fit.weight + (~mask)[:, None, :, None] * 5.0, fit.bias, fit.n_iter, fit.converged)
+    torch.testing.assert_close(predict_probes(X, noisy, feature_mask=mask), predict_probes(X, fit))
+    assert not torch.allclose(predict_probes(X, noisy), predict_probes(X, fit))
 
 
 def test_batched_groups_equal_separate_fits():
