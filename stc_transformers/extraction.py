@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features_stc import eval_mode
+from .features_stc import autocast_dtype, eval_mode
 from .modeling_stc import feature_groups, group_size
 from .tokenization import LengthSortedBatches
 
@@ -119,13 +119,6 @@ def _stored_parameters(backbone):
         if values.device.type == "meta":
             raise ValueError(f"The backbone parameter {name} has no values (meta device): load the weights first.")
         yield name, values
-
-
-def _autocast_state(device_type: str) -> str | None:
-    """The autocast dtype the backbone would run in on this device type, or None without autocast."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return str(torch.get_autocast_dtype(device_type))
 
 
 def model_fingerprint(model) -> str:
@@ -302,6 +295,7 @@ def extract_features(
         for p in model.config.poolings
     ]
     batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    autocast = autocast_dtype(model.device.type)
     key = {
         "version": CACHE_VERSION,
         "model": model_fingerprint(model),
@@ -311,7 +305,7 @@ def extract_features(
         "blocks": blocks,
         "batch_size": batch_size,
         "chunks": [model.config.long_input_chunks, model.config.chunk_overlap],
-        "autocast": _autocast_state(model.device.type),  # the pass runs in the caller's autocast, if any
+        "autocast": None if autocast is None else str(autocast),  # the pass runs in the caller's autocast, if any
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     meta = {

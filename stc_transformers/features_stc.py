@@ -274,6 +274,14 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     return picked.masked_fill(~has_tokens, 0.0)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None where it is off (or unknown, as on "meta")."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
+
+
 def is_tracing() -> bool:
     """Whether torch.export, torch.compile or torch.jit.trace is tracing the model: nothing may then branch on tensor
     values (the trace would keep one batch's values as constants)."""
@@ -339,11 +347,11 @@ class _Capture:
         # stops once the last layer read has given its features (at its MLP down-projection when that layer gives
         # only MLP neurons): the rest is never used.
         self.pool_early = not torch.is_grad_enabled()
-        self.last = max(layer for _, layer in requests) if requests else None
-        only_mlp = ("mlp", self.last) in requests and ("hidden", self.last) not in requests
+        last = max(layer for _, layer in requests) if requests else None
+        only_mlp = ("mlp", last) in requests and ("hidden", last) not in requests
         stops = self.pool_early and not tracing
-        self.stop_layer = self.last if stops else None
-        self.mlp_stop_layer = self.last if only_mlp and stops else None
+        self.stop_layer = last if stops else None
+        self.mlp_stop_layer = last if only_mlp and stops else None
 
     def _pool_into(self, source, layer, states):
         batch, tokens = self.mask.shape

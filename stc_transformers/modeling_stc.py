@@ -34,6 +34,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_stc import STCConfig, is_causal_backbone
 from .features_stc import (
+    autocast_dtype,
     eval_mode,
     ChunkPlan,
     LayerMap,
@@ -126,14 +127,6 @@ class STCFeatureSelector:
         positions = self._on(device)[1]
         return torch.cat([pooled[key].to(device).index_select(-1, pos) for key, pos in zip(self.groups, positions)],
                          dim=-1)
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type, or None where it is off (or unknown, as on "meta")."""
-    try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except RuntimeError:
-        return None
 
 
 class STCHead(nn.Module):
