@@ -90,7 +90,8 @@ def check_finite(X: torch.Tensor, name: str = "X") -> None:
 
 
 def _as_features(X) -> torch.Tensor:
-    """Validate ``X`` [G, n, d]; half precision is upcast to float32 (a copy), other floats are used as is.
+    """Validate ``X`` [G, n, d]; half precision is upcast to float32 (a copy), other floats are used as is, made
+    contiguous if they are not (batched products read a column-major or column-sliced ``X`` up to 5x slower).
 
     Finiteness is checked later on a product with ``X`` (a NaN/inf anywhere in a row makes that row's product
     non-finite), which costs nothing extra, instead of a full pass over ``X`` here.
@@ -102,7 +103,7 @@ def _as_features(X) -> torch.Tensor:
         raise ValueError(f"X must be a floating point tensor, got {X.dtype}")
     if X.dtype in (torch.float16, torch.bfloat16):
         X = X.float()
-    return X
+    return X.contiguous()
 
 
 def _check_task(task: str) -> None:

@@ -181,6 +181,20 @@ def test_batched_groups_equal_separate_fits():
         assert (fit.converged[g] == alone.converged[0]).all()
 
 
+def test_strided_features_give_the_contiguous_fit():
+    """A column-major X (as LAPACK returns it) or a column slice is read as a contiguous copy: the same fit."""
+    X, y = make_data(groups=1, classes=3, d=16, seed=7)
+    column_major = X[0].T.contiguous().T[None]  # same values, Fortran-order strides
+    sliced = torch.cat([X, X], -1)[:, :, :16]  # rows strided by 32
+    assert not column_major.is_contiguous() and not sliced.is_contiguous()
+    strengths = torch.tensor([0.003, 0.02])
+    fit = fit_linear_probes(X, y, SINGLE, strengths, max_iter=300)
+    for strided in (column_major, sliced):
+        other = fit_linear_probes(strided, y, SINGLE, strengths, max_iter=300)
+        torch.testing.assert_close(other.weight, fit.weight, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(predict_probes(strided, other), predict_probes(X, fit), atol=1e-12, rtol=1e-12)
+
+
 def test_groups_solved_a_few_at_a_time_equal_one_pass(monkeypatch):
     """On CPU groups whose features exceed the cache budget are solved in passes; masks, per-group strengths and
     warm starts follow their groups."""

@@ -107,7 +107,8 @@ def test_token_spans_cut_sorted_batches_into_runs():
     assert token_spans(left) == [(0, 2, 1, 3), (2, 3, 0, 3)]
     assert token_spans(torch.tensor([[1, 0, 1]])) is None  # a gap: only masking is right
     ragged = torch.tensor([[1] * n + [0] * (9 - n) for n in range(9, 0, -1)])
-    assert token_spans(ragged) is None and len(token_spans(ragged, max_runs=9)) == 9
+    assert len(token_spans(ragged)) == 9  # on the CPU, a run per row still beats masking
+    assert token_spans(ragged, max_runs=8) is None and len(token_spans(ragged, max_runs=9)) == 9
 
 
 @FAST
@@ -251,9 +252,10 @@ def check_texts_through(model, tokenizer, texts, **tokenize):
     for row, count in enumerate(batch["attention_mask"].sum(1).tolist()):
         if count == 0:  # e.g. the word-level tokenizer on whitespace-only text
             assert not values[row].any()
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts):  # equal up to rounding: on some CPUs the matrix kernels round rows apart
         first = texts.index(text)
-        assert torch.equal(values[i], values[first]), "duplicated texts must give identical rows"
+        torch.testing.assert_close(values[i], values[first], rtol=1e-5, atol=1e-6,
+                                   msg="duplicated texts must give the same rows")
     return values
 
 
