@@ -239,10 +239,9 @@ def finetune_and_stc(path, tokenizer, train, validation, test, out, args, stc):
         "exit_layer": stc_ft.model.config.exit_layer}
 
     if stc is not None:  # inference throughput on the test texts (same batching, length-sorted batches of 32)
-        results["throughput_texts_per_second"] = {
-            name: texts_per_second(model, tok, list(test["text"]), args.max_length, batch_size=32)
-            for name, model, tok in (("STC (early exit)", stc.model, stc.tokenizer),
-                                     ("AutoModelForSequenceClassification", finetuned, tokenizer))}
+        results["throughput_texts_per_second"] = texts_per_second(
+            {"STC (early exit)": stc.model, "AutoModelForSequenceClassification": finetuned}, stc.tokenizer,
+            list(test["text"]), args.max_length, batch_size=32)
     return results
 
 

@@ -35,7 +35,6 @@ from stc_transformers.metrics import compute_metrics
 from stc_transformers.probes import fit_linear_probes, predict_probes
 from stc_transformers.selection import block_rows, block_statistics
 from stc_transformers.tokenization import LengthSortedBatches
-from stc_transformers.trainer import predict_logits
 
 
 def subsample(split, limit, seed):
@@ -55,15 +54,26 @@ def plain_forward_seconds(path, tokenizer, texts, max_length, batch_size, dtype)
     return time.perf_counter() - started
 
 
-def texts_per_second(model, tokenizer, texts, max_length, batch_size, repeats=2) -> float:
-    """Best of `repeats` timed passes of `predict_logits` (length-sorted batches), after a warm-up batch."""
-    predict_logits(model, tokenizer, texts[:batch_size], max_length=max_length, batch_size=batch_size, progress=False)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        predict_logits(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, progress=False)
-        best = min(best, time.perf_counter() - started)
-    return round(len(texts) / best, 1)
+def texts_per_second(models: dict, tokenizer, texts, max_length, batch_size, rounds=3) -> dict:
+    """Texts per second of each model's forward pass over the same length-sorted, pre-tokenized batches.
+
+    The models take turns batch by batch, `rounds` times, and each batch counts with its fastest time per model, so
+    that load on the machine, which moves timings by 10-20% over seconds, falls on all models alike. Tokenizing,
+    the same for every model, is left out.
+    """
+    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    inputs = [batches.batch(number) for number in range(len(batches))]
+    best = {name: [float("inf")] * len(inputs) for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model.eval()(**inputs[-1])
+        for _ in range(rounds):
+            for number, batch in enumerate(inputs):
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    model(**batch)
+                    best[name][number] = min(best[name][number], time.perf_counter() - started)
+    return {name: round(len(texts) / sum(times), 1) for name, times in best.items()}
 
 
 def l2_probe_score(X, y, X_val, y_val, X_test, y_test, task, num_labels, strengths=(1e-3, 1e-2, 1e-1, 1.0, 10.0)):
@@ -143,8 +153,8 @@ def main(argv=None):
     stc_test = trainer.evaluate(test, metric_key_prefix="test")
     auto = AutoModelForSequenceClassification.from_pretrained(path, num_labels=model.config.num_labels, dtype=dtype)
     auto.config.pad_token_id = trainer.tokenizer.pad_token_id
-    speed = {name: texts_per_second(m, trainer.tokenizer, list(test["text"]), args.max_length, args.batch_size)
-             for name, m in (("STC", model), ("AutoModelForSequenceClassification", auto.eval()))}
+    speed = texts_per_second({"STC": model, "AutoModelForSequenceClassification": auto}, trainer.tokenizer,
+                             list(test["text"]), args.max_length, args.batch_size)
 
     # comparators on the same cached features (test features: one more pass with a dense model)
     dense = STCForSequenceClassification.from_backbone_pretrained(path, dtype=dtype)
