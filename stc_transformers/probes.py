@@ -677,7 +677,8 @@ class RowSpace:
         coefficients = torch.linalg.solve_triangular(  # L^-T W: [n, S*C]
             self.factor.T, fit.weight[0].permute(1, 0, 2).reshape(n, S * C).to(torch.float64), upper=True
         )
-        weight = (self.X.T @ coefficients.to(self.X.dtype)).reshape(-1, S, C).permute(1, 0, 2)
+        # X^T W as (W^T X)^T: X is often a column slice, whose transpose the CPU multiplies ~9x slower
+        weight = (coefficients.to(self.X.dtype).T @ self.X).T.reshape(-1, S, C).permute(1, 0, 2)
         return ProbeFit(weight[None].contiguous(), fit.bias, fit.n_iter, fit.converged)
 
 
