@@ -65,8 +65,9 @@ def texts_per_second(models: dict, tokenizer, texts, max_length, batch_size, rou
     inputs = [batches.batch(number) for number in range(len(batches))]
     best = {name: [float("inf")] * len(inputs) for name in models}
     with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model.eval()(**inputs[-1])
+        for model in models.values():  # eval mode, and a warm-up batch
+            model.eval()
+            model(**inputs[-1])
         for _ in range(rounds):
             for number, batch in enumerate(inputs):
                 for name, model in models.items():
