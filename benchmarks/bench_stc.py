@@ -211,7 +211,8 @@ def main(argv=None):
               f"{row['exit_layer']:5d}")
     print(f"STC fit {fit_seconds:.1f}s = {report['fit_cost_ratio']}x one plain forward pass ({forward_seconds:.1f}s);"
           f" stages {result.seconds}")
-    print(f"Inference on the test texts: STC {speed['STC']} texts/s (exit layer {model.config.exit_layer}), "
+    at_mlp = ", at its MLP" if model.config.exit_at == "mlp" else ""
+    print(f"Inference on the test texts: STC {speed['STC']} texts/s (exit layer {model.config.exit_layer}{at_mlp}), "
           f"AutoModelForSequenceClassification {speed['AutoModelForSequenceClassification']} texts/s")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark.json").write_text(json.dumps(report, indent=1))

@@ -36,6 +36,7 @@ from transformers import AutoTokenizer, pipeline
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import minilm_path
 from stc_transformers.data import load_rotten_tomatoes
+from stc_transformers.interpret import describe_exit
 from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
@@ -80,9 +81,7 @@ def main():
     print(f"{'':36}{'validation acc':>16}{'test acc':>10}{'test macro-F1':>15}")
     print(f"{'STC':36}{result.validation_score:>16.4f}{test['test_accuracy']:>10.4f}{test['test_macro_f1']:>15.4f}")
     print(f"{'Base probe (last layer, same backbone)':36}{summary['base_score']:>16.4f}{'-':>10}{'-':>15}")
-    last = summary["num_layers"] - 1
-    stop = (f"stops the backbone after layer {chosen['exit_layer']} of 0-{last}" if chosen["exit_layer"] < last
-            else f"runs all {last + 1} layers")
+    stop = describe_exit(chosen["exit_layer"], chosen["exit_at"], summary["num_layers"])
     print(f"STC reads {chosen['num_features']} neurons ({'+'.join(chosen['sources'])}, "
           f"{'+'.join(chosen['poolings'])}, eta {chosen['eta']:g}) of layers 0-{chosen['exit_layer']} and {stop}.")
     seconds = summary["seconds"]

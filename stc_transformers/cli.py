@@ -669,6 +669,7 @@ def cmd_fit(args) -> int:
         "validation_score": result.validation_score,
         "base_score": round(result.base_score, 6),
         "exit_layer": chosen["exit_layer"],
+        "exit_at": chosen["exit_at"],
         "num_layers": summary["num_layers"],
         "num_features": chosen["num_features"],
         "chosen": chosen,
@@ -684,7 +685,8 @@ def cmd_fit(args) -> int:
          f"{summary['num_validation']} validation texts ({validation_note}).")
     _say(f"Validation {result.metric}: STC {result.validation_score:.4f}, Base probe {result.base_score:.4f} "
          f"({result.validation_score - result.base_score:+.4f}).")
-    _say(f"Selection: exit layer {chosen['exit_layer']} of 0-{summary['num_layers'] - 1}, "
+    at_mlp = " (at its MLP)" if chosen["exit_at"] == "mlp" else ""
+    _say(f"Selection: exit layer {chosen['exit_layer']} of 0-{summary['num_layers'] - 1}{at_mlp}, "
          f"{chosen['num_features']} neurons ({'+'.join(chosen['sources'])}, {'+'.join(chosen['poolings'])}, "
          f"eta {chosen['eta']:g}, layers {chosen['layers']}).")
     if test_metrics is not None:

@@ -143,6 +143,13 @@ class STCConfig(PreTrainedConfig):
         return self.text_config.num_hidden_layers - 1
 
     @property
+    def exit_at(self) -> str:
+        """Where the backbone stops in the exit layer: "mlp" (at its MLP down-projection) when the selection reads
+        only MLP neurons of that layer, else "block" (after the whole layer)."""
+        last = [group["source"] for group in self.selection or () if group["layer"] == self.exit_layer]
+        return "mlp" if last and all(source == "mlp" for source in last) else "block"
+
+    @property
     def num_backbone_layers(self) -> int:
         """Layers of the backbone as pretrained, also after early exit cut it."""
         fitted = (self.fit_summary or {}).get("num_layers") or 0

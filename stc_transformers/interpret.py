@@ -51,6 +51,17 @@ def label_names(model) -> list[str]:
     return [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
 
 
+def describe_exit(exit_layer: int, exit_at: str, num_layers: int) -> str:
+    """How much of the backbone runs, as a phrase: "runs all 6 layers of the backbone", "stops the backbone after
+    layer 3 of 0-5 (early exit)" or "stops the backbone in layer 5 of 0-5, at its MLP down-projection (early exit)"."""
+    if exit_at == "mlp":
+        return (f"stops the backbone in layer {exit_layer} of 0-{num_layers - 1}, at its MLP down-projection "
+                "(early exit)")
+    if exit_layer < num_layers - 1:
+        return f"stops the backbone after layer {exit_layer} of 0-{num_layers - 1} (early exit)"
+    return f"runs all {num_layers} layers of the backbone"
+
+
 def kept_counts(model) -> Counter:
     """Number of head inputs per (source, pooling, layer)."""
     return Counter((source, pooling, layer) for source, pooling, layer, _ in model.feature_names())
@@ -89,6 +100,7 @@ class STCReport:
     feature_names: list[tuple[str, str, int, int]] = field(repr=False)
     weights: np.ndarray = field(repr=False)
     fit_summary: dict | None = field(default=None, repr=False)
+    exit_at: str = "block"  # "mlp": the backbone stops in the exit layer at its MLP down-projection
 
     @property
     def num_features(self) -> int:
@@ -145,8 +157,8 @@ class STCReport:
         share = f" of {candidates} ({100 * self.num_features / candidates:.1f}%)" if candidates else ""
         lines = [
             f"STC {self.task.replace('_', ' ')} on {self.backbone or 'an unnamed backbone'}: "
-            f"{self.num_features} neurons kept{share}, from layers 0-{self.exit_layer} of {self.num_layers} "
-            f"(exit layer {self.exit_layer}).",
+            f"{self.num_features} neurons kept{share}, from layers 0-{self.exit_layer} of {self.num_layers}; it "
+            f"{describe_exit(self.exit_layer, self.exit_at, self.num_layers)}.",
             f"Sources {'+'.join(self.sources)}, pooling {'+'.join(self.poolings)}"
             + (f", eta {self.eta:g}" if self.eta is not None else "")
             + (f", strength {self.strength:g}" if self.strength is not None else "")
@@ -200,7 +212,9 @@ class STCReport:
         for (source, pooling), counts in self.kept.items():
             axes.bar(layers, counts, bottom=bottom, label=f"{source}/{pooling}")
             bottom += np.asarray(counts, dtype=float)
-        if self.exit_layer < self.num_layers - 1:
+        if self.exit_at == "mlp":
+            axes.axvline(self.exit_layer, color="grey", linestyle="--", label=f"exit at layer {self.exit_layer}'s MLP")
+        elif self.exit_layer < self.num_layers - 1:
             axes.axvline(self.exit_layer + 0.5, color="grey", linestyle="--",
                          label=f"exit after layer {self.exit_layer}")
         axes.set(xlabel="layer", ylabel="neurons kept", title=f"{self.num_features} neurons kept")
@@ -266,6 +280,7 @@ def stc_report(model) -> STCReport:
         feature_names=names,
         weights=model.head.classifier.weight.detach().float().cpu().numpy(),
         fit_summary=config.fit_summary,
+        exit_at=config.exit_at,
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .interpret import METRIC_NAMES, kept_counts, label_names, problem_type, stc_report
+from .interpret import METRIC_NAMES, describe_exit, kept_counts, label_names, problem_type, stc_report
 
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ def _selection(model) -> dict:
         num_layers, candidates = report.num_layers, report.num_candidates
         read = f"{num_features} of {candidates} neurons ({100 * num_features / candidates:.1f}%)" if candidates \
             else f"{num_features} neurons"
-        stop = (f"stops the backbone after layer {exit_layer} of 0-{num_layers - 1} (early exit)"
-                if exit_layer < num_layers - 1 else f"runs all {num_layers} layers of the backbone")
+        stop = describe_exit(exit_layer, config.exit_at, num_layers)
         sentence = f"It reads {read} from layers 0-{exit_layer} and {stop}."
     layer_rows = []
     for layer in range(exit_layer + 1):

@@ -18,7 +18,8 @@ Search, for each problem type:
    score is within its noise (binomial standard error) of the best, the lowest validation loss wins (`_tie_break`);
 3. for the best (family, eta): fit every layer prefix 0..k and every single layer k; pick the earliest prefix within
    `early_exit_tolerance` of the best score, and a single layer instead only when it beats that prefix by more than
-   the validation noise (see `_choose_depth`);
+   the validation noise (see `_choose_depth`). A chosen prefix whose exit layer has MLP and other neurons is also
+   fitted without the others: within the tolerance, the backbone stops at that layer's MLP down-projection;
 4. refit the winner on all training rows.
 
 Validation sets of fewer than `cv_below` rows decide by chance between candidates a few texts apart. Then
@@ -98,10 +99,12 @@ class Candidate:
     loss: float = math.nan  # validation loss (`probes.validation_loss`): breaks ties between scores
     all_rows_score: float | None = None  # validation score when refitted on every training row (finalists)
     all_rows_loss: float | None = None
+    exit_at: str = "block"  # where the backbone stops in the exit layer: after its block, or at its "mlp"
+    partial_exit: bool = False  # reads only the MLP neurons of an exit layer that has other kept neurons
 
     @property
     def key(self) -> tuple:
-        return self.blocks, self.eta, self.layers, self.strength
+        return self.blocks, self.eta, self.layers, self.exit_at, self.strength
 
     def as_dict(self) -> dict:
         return {
@@ -109,6 +112,7 @@ class Candidate:
             "poolings": sorted({p for _, p in self.blocks}),
             "eta": self.eta,
             "exit_layer": max(self.layers),
+            "exit_at": self.exit_at,
             "layers": "single" if len(self.layers) == 1 and self.layers[0] > 0 else "prefix",
             "strength": self.strength,
             "validation_score": round(float(self.score), 6),
@@ -263,6 +267,26 @@ def _families(blocks: list[tuple[str, str]], kind: str = "sources") -> list[tupl
             if family not in families:
                 families.append(family)
     return families
+
+
+def _exit_points(groups, layers) -> list[str]:
+    """Where a backbone read through `groups` (restricted to `layers`) can stop in its last layer, cheapest first:
+    "mlp" (at that layer's MLP down-projection, reading only its MLP neurons) where it has MLP neurons, and "block"
+    (after the whole block) where it has others; just "block" when it has none."""
+    last = max(layers)
+    sources = {block[0] for block, layer, _ in groups if layer == last}
+    points = (["mlp"] if "mlp" in sources else []) + (["block"] if sources - {"mlp"} else [])
+    return points or ["block"]
+
+
+def _set_columns(groups, layers, exit_at: str) -> np.ndarray:
+    """Column ids (of the groups' concatenation) read by a layer set: the groups of `layers`, and only the MLP
+    groups of the last one when `exit_at` is "mlp"."""
+    last, chosen = max(layers), []
+    for block, layer, neurons in groups:
+        chosen.append(np.full(len(neurons), layer in layers and (exit_at != "mlp" or layer != last or
+                                                                block[0] == "mlp")))
+    return np.flatnonzero(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 class _PrefixGrams:
@@ -457,11 +481,15 @@ class SelectionSearch:
 
     # -- stages 2 and 3 ----------------------------------------------------------------------------------------------
 
-    def _groups(self, family, eta, probes, layers) -> list[tuple[tuple[str, str], int, np.ndarray]]:
-        """Kept neurons of the family's blocks in the given layers, ordered layer-major (so prefixes are prefixes)."""
-        groups = []
+    def _groups(self, family, eta, probes, layers, exit_at="block") -> list[tuple[tuple[str, str], int, np.ndarray]]:
+        """Kept neurons of the family's blocks in the given layers, ordered layer-major and MLP blocks first within a
+        layer (so that every prefix, ending after a layer's block or at its MLP neurons, is a column range); with
+        `exit_at="mlp"` only the MLP neurons of the last layer."""
+        groups, last = [], max(layers)
         for layer in layers:
-            for block in family:
+            for block in sorted(family, key=lambda b: b[0] != "mlp"):  # stable: the family's order otherwise
+                if exit_at == "mlp" and layer == last and block[0] != "mlp":
+                    continue
                 keep = select_by_importance(probes[block][0][layer], eta)
                 neurons = torch.nonzero(keep).flatten().numpy()
                 if neurons.size:
@@ -473,9 +501,11 @@ class SelectionSearch:
         return FeatureMatrix(self.train, stats, groups), FeatureMatrix(self.validation, stats, groups)
 
     def _integrate(self, family, eta, layer_sets, groups) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validation scores and losses [len(layer_sets), strengths] of the final L2 classifier on each layer set.
+        """Validation scores and losses [len(layer_sets), strengths] of the final L2 classifier on each layer set
+        (layers, exit point; see `_set_columns`).
 
-        Columns are ordered layer-major, so every prefix and every single layer is a contiguous column range:
+        Columns are ordered as `_groups` orders them, so every prefix and every single layer is a contiguous column
+        range:
         each set is fitted on a slice of one matrix (all strengths at once). A set with more columns than sample
         rows is fitted in its row space (`RowSpace`, same objective); the Gram matrices of growing prefixes are
         updated, not recomputed. Fits and scores are kept: a set fitted before (the all-layer set of the depth
@@ -483,20 +513,20 @@ class SelectionSearch:
         """
         X = torch.cat([self._columns(b, layer, neurons, False) for b, layer, neurons in groups], 1).to(self.device)
         X_val = torch.cat([self._columns(b, layer, neurons, True) for b, layer, neurons in groups], 1).to(self.device)
-        layer_of_column = np.concatenate([np.full(len(n), layer) for _, layer, n in groups])
         strengths = torch.tensor(self.settings.final_strengths)
         scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
         losses = torch.full((len(layer_sets), len(strengths)), math.inf, dtype=torch.float64)
         grams = _PrefixGrams(X, X_val)
-        for i, layers in enumerate(layer_sets):
-            key = (family, eta, tuple(layers))
+        for i, (layers, exit_at) in enumerate(layer_sets):
+            key = (family, eta, tuple(layers), exit_at)
             if key in self._sample_fits:
                 scores[i], losses[i] = self._sample_fits[key][1:]
                 continue
-            columns = np.flatnonzero(np.isin(layer_of_column, list(layers)))
+            columns = _set_columns(groups, layers, exit_at)
             if columns.size == 0:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
+            assert stop - start == columns.size, "a layer set must be a column range (see `_groups`)"
             fit, outputs = self._fit_columns(grams, start, stop, strengths)
             score, loss = self._judge(outputs)
             scores[i], losses[i] = score[0].cpu(), loss[0].cpu()
@@ -551,6 +581,10 @@ class SelectionSearch:
                                                   for search in searches])
         candidates += [c for c in depth_candidates if c.layers != tuple(range(self.num_layers))]
         chosen = self._choose_depth(depth_candidates, best)
+        if chosen.layers[0] == 0:  # a prefix: its exit layer's MLP neurons alone may do as well, and stop earlier
+            partial = self._pool_candidates([search._partial_exit_candidates(chosen) for search in searches])
+            candidates += partial
+            chosen = self._choose_depth(depth_candidates + partial, best)
         seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
 
         result = self._package(chosen, *self._fit_all_rows(chosen, probes, stats))
@@ -569,19 +603,32 @@ class SelectionSearch:
             for eta in self.settings.etas:
                 groups = self._groups(family, eta, self.probes, all_layers)
                 if groups:
-                    scores, losses = self._integrate(family, eta, [all_layers], groups)
-                    candidates += self._candidates(family, eta, [all_layers], scores, losses, groups)
+                    layer_sets = [(all_layers, _exit_points(groups, all_layers)[-1])]
+                    scores, losses = self._integrate(family, eta, layer_sets, groups)
+                    candidates += self._candidates(family, eta, layer_sets, scores, losses, groups)
                 bar.update(1)
         return candidates
 
     def _depth_candidates(self, blocks, eta) -> list[Candidate]:
         """Stage 3: every layer prefix 0..k and every single layer k > 0 of one family and eta."""
-        layer_sets = [tuple(range(k + 1)) for k in range(self.num_layers)] + [(k,) for k in range(1, self.num_layers)]
         groups = self._groups(blocks, eta, self.probes, tuple(range(self.num_layers)))
         if not groups:  # a cross-validation fold whose probes kept nothing (e.g. constant targets in its rows)
             return []
+        layer_sets = [(layers, _exit_points(groups, layers)[-1])
+                      for layers in [tuple(range(k + 1)) for k in range(self.num_layers)]
+                      + [(k,) for k in range(1, self.num_layers)]]
         scores, losses = self._integrate(blocks, eta, layer_sets, groups)
         return self._candidates(blocks, eta, layer_sets, scores, losses, groups)
+
+    def _partial_exit_candidates(self, prefix: Candidate) -> list[Candidate]:
+        """A prefix without the other neurons of its exit layer: the backbone then stops at that layer's MLP
+        down-projection. None where the exit layer has only MLP neurons, or none of them."""
+        groups = self._groups(prefix.blocks, prefix.eta, self.probes, tuple(range(self.num_layers)))
+        if not groups or _exit_points(groups, prefix.layers) != ["mlp", "block"]:
+            return []
+        layer_sets = [(prefix.layers, "mlp")]
+        scores, losses = self._integrate(prefix.blocks, prefix.eta, layer_sets, groups)
+        return self._candidates(prefix.blocks, prefix.eta, layer_sets, scores, losses, groups)
 
     # -- cross-validation ----------------------------------------------------------------------------------------
 
@@ -621,8 +668,12 @@ class SelectionSearch:
         return pooled
 
     def _choose_depth(self, depth_candidates: list[Candidate], best: Candidate) -> Candidate:
-        """The prefix to exit after (the earliest within `early_exit_tolerance` of the best score), replaced by a single
-        layer only when that layer beats it by more than the validation noise.
+        """The prefix to exit after (the cheapest within `early_exit_tolerance` of the best score: the earliest exit
+        layer, and in that layer its MLP before its whole block), replaced by a single layer only when that layer
+        beats it by more than the validation noise.
+
+        The best score is that of the whole-layer prefixes: an exit at a layer's MLP (`_partial_exit_candidates`) is
+        a cheaper way to reach their accuracy, never a reason to exit later.
 
         A single layer is one of many candidates scored on the same validation rows; on small validation sets the
         best of them wins by chance (measured: 212 BBC validation texts picked a single layer at 0.981 that scored
@@ -631,9 +682,9 @@ class SelectionSearch:
         """
         tolerance = self.settings.early_exit_tolerance
         prefixes = [c for c in depth_candidates if c.layers[0] == 0]
-        top = max(c.score for c in prefixes + [best])
+        top = max(c.score for c in prefixes + [best] if not c.partial_exit)
         chosen = min([c for c in prefixes if c.score >= top - tolerance],
-                     key=lambda c: (max(c.layers), c.num_features, -c.score))
+                     key=lambda c: (max(c.layers), c.exit_at != "mlp", c.num_features, -c.score))
         singles = [c for c in depth_candidates if c.layers[0] != 0]
         if not singles:
             return chosen
@@ -641,17 +692,15 @@ class SelectionSearch:
         return single if single.score > chosen.score + max(self._noise(chosen.score), tolerance) else chosen
 
     def _candidates(self, family, eta, layer_sets, scores, losses, groups) -> list[Candidate]:
-        sizes = {}
-        for _, layer, neurons in groups:
-            sizes[layer] = sizes.get(layer, 0) + len(neurons)
         out = []
-        for g, layers in enumerate(layer_sets):
-            num_features = sum(sizes.get(layer, 0) for layer in layers)
+        for g, (layers, exit_at) in enumerate(layer_sets):
+            num_features = len(_set_columns(groups, layers, exit_at))
             if num_features == 0:
                 continue
+            partial = exit_at != _exit_points(groups, layers)[-1]
             for s, strength in enumerate(self.settings.final_strengths):
                 out.append(Candidate(family, eta, layers, strength, float(scores[g, s]), num_features,
-                                     float(losses[g, s])))
+                                     float(losses[g, s]), exit_at=exit_at, partial_exit=partial))
         return out
 
     def _final_round(self, candidates: list[Candidate], probes, stats) -> Candidate:
@@ -695,10 +744,10 @@ class SelectionSearch:
     def _fit_all_rows(self, candidate: Candidate, probes, stats):
         """Fit a candidate on every training row (streamed from disk in chunks): (groups, standardisation, fit,
         validation outputs). Results are kept, so the final refit of a finalist is free."""
-        key = (candidate.blocks, candidate.eta, candidate.layers, candidate.strength)
+        key = candidate.key
         if key in self._all_rows_fits:
             return self._all_rows_fits[key]
-        groups = self._groups(candidate.blocks, candidate.eta, probes, candidate.layers)
+        groups = self._groups(candidate.blocks, candidate.eta, probes, candidate.layers, candidate.exit_at)
         matrix, validation = self._matrices(stats, groups)
         path = self.train.path / "selected_features.npy"
         X = matrix.materialize(path, self.settings.chunk_rows)[None]
@@ -713,7 +762,7 @@ class SelectionSearch:
 
     def _sample_fit(self, candidate: Candidate) -> ProbeFit | None:
         """The candidate's fit on the search sample (same columns and strength), a warm start for its refit."""
-        fit = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers), (None,))[0]
+        fit = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers, candidate.exit_at), (None,))[0]
         if fit is None:
             return None
         s = self.settings.final_strengths.index(candidate.strength)

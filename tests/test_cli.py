@@ -154,7 +154,8 @@ def test_fit_saves_checkpoint_card_and_metrics(fitted, data):
     assert {"extraction", "total", "test", "command"} <= set(metrics["seconds"])
     # the printed summary
     assert f"Validation accuracy: STC {metrics['validation_score']:.4f}, Base probe {metrics['base_score']:.4f}" in out
-    assert f"exit layer {metrics['exit_layer']} of 0-2, {metrics['num_features']} neurons" in out
+    at_mlp = " (at its MLP)" if metrics["exit_at"] == "mlp" else ""
+    assert f"exit layer {metrics['exit_layer']} of 0-2{at_mlp}, {metrics['num_features']} neurons" in out
     assert f"Test (50 texts, split 'test'): accuracy {metrics['test_metrics']['test_accuracy']:.4f}" in out
     # checkpoint, card with the test results, no leftover feature cache
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "stc_layer_scores.png",

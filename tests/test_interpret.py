@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
 import torch
 from conftest import STCModelTester, make_tiny_tokenizer
 
-from stc_transformers.interpret import Explanation, STCReport, explain, stc_report
+from stc_transformers.interpret import Explanation, STCReport, describe_exit, explain, stc_report
 from stc_transformers.modeling_stc import feature_groups, group_size
 from stc_transformers.tokenization import prepare_tokenizer
 
@@ -204,7 +205,8 @@ def test_report_reads_the_fit_summary(model):
     scores = frame[(frame.source == "mlp") & (frame.pooling == "max")]["validation_score"].tolist()
     assert scores == pytest.approx([0.55, 0.61, 0.67])
     text = report.summary()
-    assert "exit layer 1" in text and "0.8700" in text and "Base probe 0.8000" in text and "org/tiny-backbone" in text
+    assert "it stops the backbone after layer 1 of 0-2 (early exit)" in text
+    assert "0.8700" in text and "Base probe 0.8000" in text and "org/tiny-backbone" in text
 
 
 def test_report_top_neurons_are_the_heaviest_weights(model):
@@ -288,3 +290,15 @@ def test_model_methods_need_the_package(model, tokenizer, monkeypatch):
         model.stc_report()
     with pytest.raises(ImportError, match="pip install stc-transformers"):
         model.explain(tokenizer, TEXTS)
+
+
+def test_an_exit_layer_read_only_through_its_mlp_neurons_is_an_exit_at_its_mlp(model):
+    """The config, the report and its phrase say where the backbone stops: after the exit layer, or inside it at
+    its MLP down-projection when the selection reads only MLP neurons there."""
+    assert model.config.exit_at == "block" and stc_report(model).exit_at == "block"
+    config = copy.deepcopy(model.config)
+    config.selection = [group for group in config.selection if group["layer"] < 1 or group["source"] == "mlp"]
+    assert config.exit_layer == 1 and config.exit_at == "mlp"
+    assert describe_exit(1, "mlp", 3) == "stops the backbone in layer 1 of 0-2, at its MLP down-projection (early exit)"
+    assert describe_exit(2, "block", 3) == "runs all 3 layers of the backbone"
+    assert describe_exit(1, "block", 3) == "stops the backbone after layer 1 of 0-2 (early exit)"

@@ -14,6 +14,8 @@ from stc_transformers.selection import (
     SearchSettings,
     SelectionSearch,
     _PrefixGrams,
+    _exit_points,
+    _set_columns,
     block_rows,
     block_statistics,
 )
@@ -101,8 +103,9 @@ def depth_search(task="single_label_classification", num_validation=200) -> Sele
     return search
 
 
-def candidate(layers, score, num_features=100, loss=0.5) -> Candidate:
-    return Candidate((("hidden", "mean"),), 0.9, tuple(layers), 1.0, score, num_features, loss)
+def candidate(layers, score, num_features=100, loss=0.5, exit_at="block") -> Candidate:
+    return Candidate((("hidden", "mean"), ("mlp", "max")), 0.9, tuple(layers), 1.0, score, num_features, loss,
+                     exit_at=exit_at, partial_exit=exit_at == "mlp")
 
 
 def test_depth_choice_takes_the_earliest_prefix_within_tolerance():
@@ -118,6 +121,19 @@ def test_a_single_layer_must_beat_the_prefix_by_more_than_validation_noise(singl
     assert depth_search()._choose_depth(prefixes + singles, prefixes[-1]).layers == expected
     # a large validation set makes the same margin significant
     assert depth_search(num_validation=20000)._choose_depth(prefixes + singles, prefixes[-1]).layers == (2,)
+
+
+@pytest.mark.parametrize("partial_score, expected", [(0.899, ((0, 1, 2), "mlp")), (0.85, ((0, 1, 2), "block")),
+                                                    (0.95, ((0, 1), "block"))])
+def test_an_exit_at_the_mlp_is_taken_within_tolerance_and_never_raises_the_bar(partial_score, expected):
+    """Layer 2's MLP neurons alone stop the backbone before layer 2's down-projection: cheaper than the whole
+    layer 2, dearer than stopping after layer 1. Its score counts only against the whole-layer prefixes' best."""
+    prefixes = [candidate(range(k + 1), score) for k, score in enumerate([0.70, 0.80, 0.90])]
+    partial = candidate(range(3), partial_score, num_features=80, exit_at="mlp")
+    if expected[0] == (0, 1):
+        prefixes[1].score = 0.899  # within tolerance (0.002) of the whole-layer best, 0.90, not of the 0.95
+    chosen = depth_search()._choose_depth(prefixes + [partial], prefixes[-1])
+    assert (chosen.layers, chosen.exit_at) == expected
 
 
 def test_regression_depth_choice_uses_the_tolerance_alone():
@@ -257,3 +273,50 @@ def test_pooled_candidates_average_scores_weighted_by_validation_rows(tmp_path):
     assert pooled[0].score == pytest.approx((40 * 0.9 + 60 * 0.5) / 100)
     assert pooled[0].loss == pytest.approx((40 * 0.2 + 60 * 0.6) / 100)
     assert pooled[1].score == pytest.approx(0.8) and a.score == 0.9  # the inputs are not modified
+
+
+def probes_for(cache, seed=0, classes=2) -> dict:
+    """Random probe weights per block: [layers, dim, classes]."""
+    generator = torch.Generator().manual_seed(seed)
+    return {(b["source"], b["pooling"]): (torch.randn(b["num_layers"], b["dim"], classes, generator=generator), None)
+            for b in cache.meta["blocks"]}
+
+
+def test_groups_put_mlp_neurons_first_in_a_layer_so_an_exit_at_the_mlp_is_a_column_range(tmp_path):
+    cache, _ = make_cache(tmp_path)
+    search = SelectionSearch.__new__(SelectionSearch)
+    family = (("hidden", "mean"), ("mlp", "max"))
+    probes = probes_for(cache)
+    groups = search._groups(family, 0.9, probes, (0, 1, 2))
+    assert [(block[0], layer) for block, layer, _ in groups] == [
+        ("mlp", 0), ("hidden", 0), ("mlp", 1), ("hidden", 1), ("mlp", 2), ("hidden", 2)]
+    sizes = [len(neurons) for _, _, neurons in groups]
+    assert _exit_points(groups, (0, 1)) == ["mlp", "block"]
+    np.testing.assert_array_equal(_set_columns(groups, (0, 1), "mlp"), np.arange(sum(sizes[:3])))
+    np.testing.assert_array_equal(_set_columns(groups, (0, 1), "block"), np.arange(sum(sizes[:4])))
+    np.testing.assert_array_equal(_set_columns(groups, (1,), "block"), np.arange(sum(sizes[:2]), sum(sizes[:4])))
+    # the groups of a candidate that stops at layer 1's MLP are those columns
+    partial = search._groups(family, 0.9, probes, (0, 1), exit_at="mlp")
+    assert [(block[0], layer) for block, layer, _ in partial] == [("mlp", 0), ("hidden", 0), ("mlp", 1)]
+    # a layer with only hidden neurons, or none, ends after its block
+    assert _exit_points(groups[1:2], (0,)) == ["block"]
+    assert _exit_points(groups[:2], (1,)) == ["block"]
+    assert _exit_points(groups[:1], (0,)) == ["mlp"]
+
+
+def test_a_chosen_prefix_may_stop_at_its_exit_layers_mlp(tmp_path, monkeypatch):
+    """With every prefix within tolerance the search exits at layer 0, and there at its MLP: the packaged selection
+    reads only layer 0's MLP neurons, as many as the candidate says."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][0, :, 0] / 4 > 0).astype(int)
+    monkeypatch.setattr(selection, "_families", lambda blocks, kind: [tuple(blocks)])
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, early_exit_tolerance=1.0, cv_folds=0))
+    result = search.run()
+    assert (result.best.layers, result.best.exit_at, result.best.partial_exit) == ((0,), "mlp", True)
+    assert {(group["source"], group["layer"]) for group in result.selection} == {("mlp", 0)}
+    assert result.best.num_features == sum(len(group["neurons"]) for group in result.selection)
+    assert result.weight.shape == (2, result.best.num_features)
+    whole = [c for c in result.candidates if c.layers == (0,) and c.exit_at == "block"]
+    assert whole and all(c.num_features > result.best.num_features for c in whole)
+    assert result.best.key in {c.key for c in result.candidates}

@@ -87,7 +87,7 @@ def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
     assert result.candidates and all("validation_score" in c for c in result.candidates)
     chosen = result.chosen
     pooled = chosen.get("cross_validated_score", chosen["validation_score"])  # scored as the candidates are
-    same = ("sources", "poolings", "eta", "exit_layer", "layers", "strength", "num_features")
+    same = ("sources", "poolings", "eta", "exit_layer", "exit_at", "layers", "strength", "num_features")
     assert any(all(c[k] == chosen[k] for k in same) and c["validation_score"] == pooled for c in result.candidates)
     top = max(c["validation_score"] for c in result.candidates)
     rows = len(split["test"]) + len(split["train"])  # validation rows and the folds' held-out rows
@@ -97,8 +97,10 @@ def test_fit_beats_chance_and_inference_matches_the_fit(tmp_path, arch):
     predictions = trainer.predict(split["test"]).predictions
     np.testing.assert_allclose(predictions, trainer._validation_outputs.numpy(), atol=1e-4)
     assert trainer.evaluate()["eval_accuracy"] == pytest.approx(result.validation_score, abs=1e-6)
-    # the backbone exits at the chosen layer (ALBERT keeps its one block and stops the pass there)
+    # the backbone exits at the chosen layer (ALBERT keeps its one block and stops the pass there), and at its MLP
+    # down-projection when the chosen candidate reads only MLP neurons there
     assert model.layer_map.num_layers == (3 if model.layer_map.shared else result.chosen["exit_layer"] + 1)
+    assert model.config.exit_at == result.chosen["exit_at"]
     summary = model.config.fit_summary
     assert summary["chosen"] == result.chosen and summary["num_layers"] == 3
     assert set(summary["layer_scores"]) == {f"{s}/{p}" for s in ("hidden", "mlp") for p in model.config.poolings}
@@ -630,7 +632,8 @@ def test_small_validation_sets_are_joined_by_cross_validation(tmp_path):
     trainer, _ = make_trainer(tmp_path)
     result = trainer.train()
     assert trainer.model.config.fit_summary["validation"] == "given + 5-fold cross-validation"
-    chosen = {k: result.chosen[k] for k in ("sources", "poolings", "eta", "exit_layer", "layers", "strength")}
+    keys = ("sources", "poolings", "eta", "exit_layer", "exit_at", "layers", "strength")
+    chosen = {k: result.chosen[k] for k in keys}
     same = [c for c in result.candidates if {k: c[k] for k in chosen} == chosen]
     assert len(same) == 1 and same[0]["validation_score"] == result.chosen["cross_validated_score"]
     assert result.validation_score == pytest.approx(trainer.evaluate()["eval_accuracy"], abs=1e-6)
