@@ -63,8 +63,16 @@ def describe_exit(exit_layer: int, exit_at: str, num_layers: int) -> str:
 
 
 def kept_counts(model) -> Counter:
-    """Number of head inputs per (source, pooling, layer)."""
-    return Counter((source, pooling, layer) for source, pooling, layer, _ in model.feature_names())
+    """Number of head inputs per (source, pooling, layer), ordered as the config lists sources and poolings."""
+    counts = Counter((source, pooling, layer) for source, pooling, layer, _ in model.feature_names())
+    sources, poolings = list(model.config.sources), list(model.config.poolings)
+
+    def rank(key):
+        source, pooling, layer = key
+        return (sources.index(source) if source in sources else len(sources),
+                poolings.index(pooling) if pooling in poolings else len(poolings), layer)
+
+    return Counter(dict(sorted(counts.items(), key=lambda item: rank(item[0]))))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def _hyperparameters(model, chosen: dict, selection: dict) -> list[tuple[str, ob
         ("Sources", ", ".join(chosen.get("sources") or dict.fromkeys(s for s, _ in pairs))),
         ("Poolings", ", ".join(chosen.get("poolings") or dict.fromkeys(p for _, p in pairs))),
         ("eta (share of probe weight kept per layer)", _fmt(chosen.get("eta"))),
-        ("Exit layer", model.config.exit_layer),
+        ("Exit layer", f"{model.config.exit_layer}" + (", at its MLP" if model.config.exit_at == "mlp" else "")),
         ("Layers", chosen.get("layers") or "-"),
         ("Probe L1 strength", _fmt(chosen.get("strength"))),
         ("Features read by the head", selection["num_features"]),
@@ -183,7 +183,7 @@ def _hyperparameters(model, chosen: dict, selection: dict) -> list[tuple[str, ob
 def _candidate_rows(summary: dict, limit: int = 5) -> list[tuple]:
     return [
         (", ".join(c.get("sources", [])), ", ".join(c.get("poolings", [])), _fmt(c.get("eta")),
-         c.get("exit_layer", "-"), c.get("layers", "-"), _fmt(c.get("strength")), c.get("num_features", "-"),
+         f"{c.get('exit_layer', '-')}" + (" (MLP)" if c.get("exit_at") == "mlp" else ""), c.get("layers", "-"), _fmt(c.get("strength")), c.get("num_features", "-"),
          _fmt(c.get("validation_score")))
         for c in (summary.get("candidates_top") or [])[:limit]
     ]
