@@ -183,8 +183,8 @@ def _hyperparameters(model, chosen: dict, selection: dict) -> list[tuple[str, ob
 def _candidate_rows(summary: dict, limit: int = 5) -> list[tuple]:
     return [
         (", ".join(c.get("sources", [])), ", ".join(c.get("poolings", [])), _fmt(c.get("eta")),
-         f"{c.get('exit_layer', '-')}" + (" (MLP)" if c.get("exit_at") == "mlp" else ""), c.get("layers", "-"), _fmt(c.get("strength")), c.get("num_features", "-"),
-         _fmt(c.get("validation_score")))
+         f"{c.get('exit_layer', '-')}" + (" (MLP)" if c.get("exit_at") == "mlp" else ""), c.get("layers", "-"),
+         _fmt(c.get("strength")), c.get("num_features", "-"), _fmt(c.get("validation_score")))
         for c in (summary.get("candidates_top") or [])[:limit]
     ]
 
