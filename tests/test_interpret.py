@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import STCModelTester, make_tiny_tokenizer
 
-from stc_transformers.interpret import Explanation, STCReport, describe_exit, explain, stc_report
+from stc_transformers.interpret import Explanation, STCReport, describe_exit, explain, kept_counts, stc_report
 from stc_transformers.modeling_stc import feature_groups, group_size
 from stc_transformers.tokenization import prepare_tokenizer
 
@@ -302,3 +302,17 @@ def test_an_exit_layer_read_only_through_its_mlp_neurons_is_an_exit_at_its_mlp(m
     assert describe_exit(1, "mlp", 3) == "stops the backbone in layer 1 of 0-2, at its MLP down-projection (early exit)"
     assert describe_exit(2, "block", 3) == "runs all 3 layers of the backbone"
     assert describe_exit(1, "block", 3) == "stops the backbone after layer 1 of 0-2 (early exit)"
+
+
+def test_kept_counts_follow_the_configs_order_of_sources_and_poolings():
+    """The search lists a layer's MLP neurons first; tables and plots keep the config's order."""
+    model = STCModelTester(num_layers=3).model("bert", num_labels=2)
+    selection = [{"source": "mlp", "pooling": "max", "layer": 0, "neurons": [1, 2]},
+                 {"source": "hidden", "pooling": "max", "layer": 0, "neurons": [0]},
+                 {"source": "mlp", "pooling": "mean", "layer": 1, "neurons": [3]},
+                 {"source": "hidden", "pooling": "mean", "layer": 1, "neurons": [4, 5]}]
+    model.set_selection(selection, torch.randn(2, 6), torch.zeros(2), truncate=False)
+    order = [(s, p) for s in model.config.sources for p in model.config.poolings]
+    keys = list(kept_counts(model))
+    assert sorted(keys, key=lambda key: (order.index(key[:2]), key[2])) == keys
+    assert kept_counts(model)[("hidden", "mean", 1)] == 2 and kept_counts(model)[("mlp", "max", 0)] == 2
