@@ -623,7 +623,7 @@ class SelectionSearch:
     def _partial_exit_candidates(self, prefix: Candidate) -> list[Candidate]:
         """A prefix without the other neurons of its exit layer: the backbone then stops at that layer's MLP
         down-projection. None where the exit layer has only MLP neurons, or none of them."""
-        groups = self._groups(prefix.blocks, prefix.eta, self.probes, tuple(range(self.num_layers)))
+        groups = self._groups(prefix.blocks, prefix.eta, self.probes, prefix.layers)  # no columns past the prefix
         if not groups or _exit_points(groups, prefix.layers) != ["mlp", "block"]:
             return []
         layer_sets = [(prefix.layers, "mlp")]
@@ -762,7 +762,7 @@ class SelectionSearch:
 
     def _sample_fit(self, candidate: Candidate) -> ProbeFit | None:
         """The candidate's fit on the search sample (same columns and strength), a warm start for its refit."""
-        fit = self._sample_fits.get((candidate.blocks, candidate.eta, candidate.layers, candidate.exit_at), (None,))[0]
+        fit = self._sample_fits.get(candidate.key[:-1], (None,))[0]  # fits are kept per key without the strength
         if fit is None:
             return None
         s = self.settings.final_strengths.index(candidate.strength)
