@@ -37,7 +37,7 @@ from .modeling_stc import feature_groups, group_size
 from .tokenization import LengthSortedBatches
 
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: means pooled by a batched product (`features_stc.pool`), other rounding
 COMMIT_SECONDS = 30.0  # default interval between flushes of the cache to disk
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 

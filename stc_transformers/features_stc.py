@@ -23,6 +23,7 @@ backbone can read, and combines the chunks' pooled features consistently with ea
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,39 @@ def find_down_projection(layer: nn.Module, hidden_size: int) -> nn.Module:
     return layer.get_submodule(found[0])
 
 
+def find_up_projections(layer: nn.Module, down: nn.Module, hidden_size: int) -> list[tuple[nn.Module, int]]:
+    """The plain Linear/Conv1D modules of `layer` outside attention that map the hidden state to the MLP's neurons
+    (the down-projection's input): [(module, parts)], parts = 2 for a fused gate and up projection (twice as wide).
+    Candidates only: `capture_pooled` narrows them where a probe pass has shown that the result is unchanged."""
+    width = _linear_shape(down)[0]
+    found = []
+    for name, module in layer.named_modules():
+        shape = _linear_shape(module)
+        if module is down or type(module) not in (nn.Linear, Conv1D) or "forward" in vars(module) or \
+                any(part in name.lower() for part in _ATTENTION_NAME_PARTS):  # vars: already wrapped (accelerate)
+            continue
+        if shape[0] == hidden_size and shape[1] in (width, 2 * width):
+            found.append((module, shape[1] // width))
+    return found
+
+
+def _narrowed_forward(module: nn.Module, rows: torch.Tensor):
+    """A forward for a Linear or Conv1D `module` that computes only its output features `rows`."""
+    if isinstance(module, Conv1D):  # x @ W + b with W [in, out]
+
+        def forward(x):
+            weight, bias = module.weight.index_select(1, rows), module.bias.index_select(0, rows)
+            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], rows.numel())
+
+        return forward
+
+    def forward(x):
+        bias = None if module.bias is None else module.bias.index_select(0, rows)
+        return nn.functional.linear(x, module.weight.index_select(0, rows), bias)
+
+    return forward
+
+
 def backbone_hidden_size(backbone: nn.Module) -> int:
     config = backbone.config.get_text_config()
     return config.hidden_size
@@ -244,6 +278,15 @@ def _pool_span(states: torch.Tensor, first_token: int, end_token: int, method: s
     return states[:, first_token if method == "first" else end_token - 1].clone()  # a copy: the states can go
 
 
+def _mean_by_product(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: their sum as one batched product with the mask (weights 1, 0 on padding: products are
+    exact), divided by their count. On the CPU 2-3x faster than summing over the token axis, which torch reduces at
+    a fraction of the memory bandwidth (a [64, 128, 1536] tensor: 2.1 ms against 5.5 ms). Padding holding inf/NaN
+    makes the result non-finite."""
+    real = mask.to(device=states.device, dtype=states.dtype)
+    return torch.bmm(real.unsqueeze(1), states).squeeze(1).div_(real.sum(1, keepdim=True).clamp(min=1))
+
+
 def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") -> torch.Tensor:
     """Pool `states` [B, T, D] over real tokens (`mask` [B, T], 1 = real) into [B, D] float32.
 
@@ -251,7 +294,8 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     zeros for every method. "first"/"last" pick the first/last real token, so they are right for left and right
     padding alike; the values at padded positions never matter (even inf/NaN there is ignored by every method).
     `spans`: `token_spans(mask)` when the caller pools several tensors of one batch (computed here by default);
-    with spans the pooling slices the real tokens, without it masks the padding.
+    with spans the pooling slices the real tokens (on the CPU, means are a product with weights that are zero on
+    padding, `_mean_by_product`, unless padding holds inf/NaN), without it masks the padding.
     """
     if method not in POOLINGS:
         raise ValueError(f"Unknown pooling {method!r}: choose from {list(POOLINGS)}.")
@@ -259,6 +303,11 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     if isinstance(spans, str):
         spans = token_spans(mask)
     if spans is not None:
+        if method == "mean" and states.device.type == "cpu":
+            pooled = _mean_by_product(states, mask)
+            if math.isfinite(pooled.detach().sum()):  # 10x faster than `isfinite(pooled).all()`; an overflowing sum falls back
+                return pooled
+            # inf/NaN in the real tokens (the sliced sums below give them too) or only in padding (they skip it)
         parts = [_pool_span(states[r0:r1], t0, t1, method) for r0, r1, t0, t1 in spans]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     mask = mask.to(device=states.device, dtype=torch.bool)
@@ -330,7 +379,7 @@ class _StopForward(Exception):
 class _Capture:
     """Collects pooled features while a backbone runs; see `capture_pooled`."""
 
-    def __init__(self, mask, requests, neurons, dims, num_layers, pads_to_window=False):
+    def __init__(self, mask, requests, neurons, dims, num_layers, pads_to_window=False, narrowed=None):
         self.mask = mask
         self.pads_to_window = pads_to_window  # Longformer, BigBird: states come back longer, padded at the end
         self.dims = dims  # {source: features per token}
@@ -356,6 +405,8 @@ class _Capture:
         stops = self.pool_early and not tracing
         self.stop_layer = last if stops else None
         self.mlp_stop_layer = last if only_mlp and stops else None
+        # the up-projections of that layer, to compute only its kept MLP neurons (`capture_pooled`)
+        self.narrowed = narrowed if self.mlp_stop_layer is not None and ("mlp", last) in neurons else []
 
     def _pool_into(self, source, layer, states):
         batch, tokens = self.mask.shape
@@ -368,7 +419,9 @@ class _Capture:
                 "unpadded/packed attention implementations (load the backbone with `attn_implementation='sdpa'` or "
                 "'eager')."
             )
-        width = self.dims[source]
+        width, index = self.dims[source], self.neurons.get((source, layer))
+        if self.narrowed and source == "mlp" and layer == self.mlp_stop_layer:
+            width, index = len(index), None  # its up-projections computed only the kept neurons, in this order
         if self.pads_to_window and states.shape[0] == batch and states.shape[1] > tokens and states.shape[2] == width:
             states = states[:, :tokens]  # padded at the end inside the backbone to a window multiple
         if states.shape != (batch, tokens, width):
@@ -379,7 +432,6 @@ class _Capture:
                 "with tokens pooled between layers, or with tokens of its own added, as CPM-Ant's prompt). It is not "
                 "supported."
             )
-        index = self.neurons.get((source, layer))
         if index is not None:
             index = index.to(states.device)
             if self.spans is None or states.dtype != torch.float32:  # pooling copies: copy only the kept neurons
@@ -446,7 +498,7 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
+def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None, narrowed=None):
     """Context manager hooking the backbone; yields a dict {(source, pooling, layer): [B, D] tensor}.
 
     `requests` maps (source, layer) to the poolings wanted; `neurons` optionally maps (source, layer) to the
@@ -455,11 +507,20 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
     Without gradients, the backbone call inside the context stops early (after the last layer read, or at its MLP
     down-projection when that layer gives only MLP features): code after it in the same context does not run.
     Hooks are removed when the context exits, even on error.
+    `narrowed`: the up-projections of the last layer read (`find_up_projections`); when the pass stops at that
+    layer's MLP, they compute only its kept neurons (`neurons`), which is all the capture reads of them.
     """
     state = _Capture(attention_mask, requests, neurons or {}, layer_map.dims, layer_map.num_layers,
-                     layer_map.pads_to_window)
-    handles = []
+                     layer_map.pads_to_window, narrowed or [])
+    handles, patched = [], []
     try:
+        if state.narrowed:
+            kept = state.neurons[("mlp", state.mlp_stop_layer)]
+            width = layer_map.dims["mlp"]
+            for module, parts in state.narrowed:
+                ids = kept.to(module.weight.device)
+                module.forward = _narrowed_forward(module, torch.cat([ids + part * width for part in range(parts)]))
+                patched.append(module)
         if layer_map.shared:  # one block runs every layer: its hooks count the calls
             if any(source == "mlp" for source, _ in requests):
                 handles.append(layer_map.down_projections[0].register_forward_pre_hook(state.mlp_pre_hook()))
@@ -493,6 +554,8 @@ def capture_pooled(layer_map: LayerMap, attention_mask, requests, neurons=None):
     finally:
         for handle in handles:
             handle.remove()
+        for module in patched:
+            del module.forward  # the class's own forward again
         state.stash.clear()
 
 

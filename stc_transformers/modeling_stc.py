@@ -40,6 +40,7 @@ from .features_stc import (
     LayerMap,
     backbone_window,
     capture_pooled,
+    find_up_projections,
     first_position_id,
     ids_position_table,
     is_tracing,
@@ -352,6 +353,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         table = ids_position_table(self.backbone)
         self._position_padding_idx = None if table is None else table.padding_idx
         self._first_position = None  # read at the first forward: buffers are still on the meta device here
+        self._narrowed = None  # the exit layer's up-projections to narrow (`_exit_narrowing`); None: not checked yet
 
     @classmethod
     def from_backbone_pretrained(
@@ -467,7 +469,9 @@ class STCForSequenceClassification(STCPreTrainedModel):
         """Run the backbone (up to the exit layer) once; {(source, pooling, layer): [batch, dim]} pooled features."""
         requests = self.selector.requests
         device = attention_mask.device
-        with capture_pooled(self.layer_map, attention_mask, requests, self.selector.neurons(device)) as pooled:
+        narrowed = None if torch.is_grad_enabled() or is_tracing() else self._exit_narrowing()
+        with capture_pooled(self.layer_map, attention_mask, requests, self.selector.neurons(device),
+                            narrowed) as pooled:
             accepted = self._backbone_arguments
             if "use_cache" in accepted:
                 backbone_inputs["use_cache"] = False
@@ -620,6 +624,7 @@ class STCForSequenceClassification(STCPreTrainedModel):
         """
         self.config.selection = [self.config._check_group(group) for group in selection]
         self.selector = STCFeatureSelector(feature_groups(self.config, self.source_dims))
+        self._narrowed = None
         head = STCHead(self.selector.num_features, self.config.num_labels, self.config.standardize)
         with torch.no_grad():
             head.classifier.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
@@ -712,6 +717,35 @@ class STCForSequenceClassification(STCPreTrainedModel):
             self.config.backbone_num_layers = max(self.config.num_backbone_layers, total)  # the depth, for reports
         self._build_head_input()
         return self
+
+    def _exit_narrowing(self) -> list:
+        """Up-projections of the exit layer that may compute only its kept MLP neurons when the backbone stops at that
+        layer's MLP (`capture_pooled`), checked once: a probe pass must give the same features with and without.
+        The exit layer's up-projection and activation then cost a fraction of their full width."""
+        if self._narrowed is not None:
+            return self._narrowed
+        self._narrowed = []  # also while checking: the probe passes come back here
+        requests, layer_map = self.selector.requests, self.layer_map
+        last = max((layer for _, layer in requests), default=None)
+        if self.selector.dense or layer_map.shared or ("mlp", last) not in requests or ("hidden", last) in requests:
+            return self._narrowed
+        candidates = find_up_projections(layer_map.layers[last], layer_map.down_projections[last],
+                                         layer_map.dims["hidden"])
+        if not candidates:
+            return self._narrowed
+        probe = self._probe_inputs()
+        try:
+            expected = self._probe_features(probe)
+            self._narrowed = candidates
+            got = self._probe_features(probe)
+        except Exception:  # e.g. a backbone that needs inputs besides token ids: not narrowed
+            got = None
+        self._narrowed = []
+        tolerance = max(1e-4, 2 * torch.finfo(candidates[0][0].weight.dtype).eps)  # rounding, not another model
+        if got is not None and got.shape == expected.shape and \
+                torch.allclose(got, expected, rtol=tolerance, atol=tolerance * float(expected.abs().amax())):
+            self._narrowed = candidates
+        return self._narrowed
 
     def _probe_inputs(self) -> dict:
         """Three tokens of valid ids, to check that truncation leaves the features unchanged."""

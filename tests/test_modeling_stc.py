@@ -117,6 +117,34 @@ class TestEveryArchitecture:
         assert len(calls) == 2 * runs - 1
         torch.testing.assert_close(stopped, full)  # T5 differs by 1e-7 with and without autograd
 
+    def test_exit_layer_up_projection_computes_only_the_kept_neurons(self, tester, arch):
+        """When inference stops at the exit layer's MLP, that layer's up-projection(s) compute only its kept neurons
+        (checked once on a probe pass): the same logits as at full width, and the modules get their own forward
+        back after each pass. One block running every layer (ALBERT) is never narrowed."""
+        model = tester.model(arch, num_labels=2, sources=["hidden", "mlp"], poolings=["mean", "max"])
+        last = tester.num_layers - 1
+        selection = [{"source": "hidden", "pooling": "mean", "layer": 0, "neurons": [1, 5, 7]},
+                     {"source": "mlp", "pooling": "mean", "layer": last, "neurons": [0, 3, 20]},
+                     {"source": "mlp", "pooling": "max", "layer": last, "neurons": [3, 9, 36]}]
+        model.set_selection(selection, torch.randn(2, 9), torch.zeros(2), truncate=False)
+        inputs = tester.inputs()
+        widths = []
+        with torch.inference_mode():
+            narrowed = model(**inputs).logits  # the first pass checks the narrowing
+            modules = model._narrowed
+            handles = [m.register_forward_hook(lambda m, a, out: widths.append(out.shape[-1])) for m, _ in modules]
+            torch.testing.assert_close(model(**inputs).logits, narrowed, rtol=0, atol=0)
+        for handle in handles:
+            handle.remove()
+        assert bool(modules) == (not model.layer_map.shared)
+        assert widths == [5 * parts for _, parts in modules]  # the union {0, 3, 9, 20, 36}, per gate/up part
+        assert all("forward" not in vars(module) for module, _ in modules)
+        model._narrowed = []  # full width
+        with torch.inference_mode():
+            torch.testing.assert_close(narrowed, model(**inputs).logits)
+        torch.testing.assert_close(narrowed, model(**inputs).logits)  # with gradients: nothing stops or narrows
+        assert model._narrowed == []
+
     def test_gradients_equal_with_activation_checkpointing(self, tester, arch):
         model = tester.model(arch, num_labels=2)
         for module in model.modules():
@@ -892,3 +920,18 @@ def test_real_minilm_wraps_and_round_trips(minilm_path, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_exit_layer_is_not_narrowed_where_that_changes_its_neurons(tester):
+    """An MLP whose activation mixes neurons (here a softmax over them) gives other values at a narrower width: the
+    probe pass shows it, the layer keeps its full width and the logits are those of the full model."""
+    model = tester.model("bert", num_labels=2, sources=["mlp"], poolings=["mean"])
+    last = tester.num_layers - 1
+    model.backbone.encoder.layer[last].intermediate.intermediate_act_fn = torch.nn.Softmax(-1)
+    selection = [{"source": "mlp", "pooling": "mean", "layer": last, "neurons": [2, 4, 8]}]
+    model.set_selection(selection, torch.randn(2, 3), torch.zeros(2), truncate=False)
+    inputs = tester.inputs()
+    with torch.inference_mode():
+        stopped = model(**inputs).logits
+    assert model._narrowed == []
+    torch.testing.assert_close(stopped, model(**inputs).logits)
