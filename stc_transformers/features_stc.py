@@ -294,8 +294,8 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     zeros for every method. "first"/"last" pick the first/last real token, so they are right for left and right
     padding alike; the values at padded positions never matter (even inf/NaN there is ignored by every method).
     `spans`: `token_spans(mask)` when the caller pools several tensors of one batch (computed here by default);
-    with spans the pooling slices the real tokens (on the CPU, means are a product with weights that are zero on
-    padding, `_mean_by_product`, unless padding holds inf/NaN), without it masks the padding.
+    with spans the pooling slices the real tokens (on the CPU, means are a product with the mask,
+    `_mean_by_product`, over the whole batch unless padding holds inf/NaN), without it masks the padding.
     """
     if method not in POOLINGS:
         raise ValueError(f"Unknown pooling {method!r}: choose from {list(POOLINGS)}.")
@@ -305,9 +305,12 @@ def pool(states: torch.Tensor, mask: torch.Tensor, method: str, spans="auto") ->
     if spans is not None:
         if method == "mean" and states.device.type == "cpu":
             pooled = _mean_by_product(states, mask)
-            if math.isfinite(pooled.detach().sum()):  # 10x faster than `isfinite(pooled).all()`; an overflowing sum falls back
+            if math.isfinite(pooled.detach().sum()):  # 10x faster than `isfinite(pooled).all()`
                 return pooled
-            # inf/NaN in the real tokens (the sliced sums below give them too) or only in padding (they skip it)
+            # inf/NaN in the real tokens (given either way) or only in padding: the same product over each run's
+            # real tokens, so that a row rounds as it does without padding
+            parts = [_mean_by_product(states[r0:r1, t0:t1], mask[r0:r1, t0:t1]) for r0, r1, t0, t1 in spans]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         parts = [_pool_span(states[r0:r1], t0, t1, method) for r0, r1, t0, t1 in spans]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     mask = mask.to(device=states.device, dtype=torch.bool)
