@@ -379,6 +379,13 @@ class _StopForward(Exception):
     """Raised by a hook once every requested feature is pooled; `capture_pooled` swallows it."""
 
 
+def mlp_exit_layer(requests) -> int | None:
+    """The last layer read when it gives only MLP neurons (the pass can stop at its MLP down-projection), else None.
+    `requests`: {(source, layer): poolings}."""
+    last = max((layer for _, layer in requests), default=None)
+    return last if ("mlp", last) in requests and ("hidden", last) not in requests else None
+
+
 class _Capture:
     """Collects pooled features while a backbone runs; see `capture_pooled`."""
 
@@ -404,10 +411,9 @@ class _Capture:
         # only MLP neurons): the rest is never used.
         self.pool_early = not torch.is_grad_enabled()
         last = max(layer for _, layer in requests) if requests else None
-        only_mlp = ("mlp", last) in requests and ("hidden", last) not in requests
         stops = self.pool_early and not tracing
         self.stop_layer = last if stops else None
-        self.mlp_stop_layer = last if only_mlp and stops else None
+        self.mlp_stop_layer = mlp_exit_layer(requests) if stops else None
         # the up-projections of that layer, to compute only its kept MLP neurons (`capture_pooled`)
         self.narrowed = narrowed if self.mlp_stop_layer is not None and ("mlp", last) in neurons else []
 

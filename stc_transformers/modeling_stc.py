@@ -44,6 +44,7 @@ from .features_stc import (
     first_position_id,
     ids_position_table,
     is_tracing,
+    mlp_exit_layer,
     MIN_RELATIVE_SPREAD,
     steady_features,
 )
@@ -725,9 +726,8 @@ class STCForSequenceClassification(STCPreTrainedModel):
         if self._narrowed is not None:
             return self._narrowed
         self._narrowed = []  # also while checking: the probe passes come back here
-        requests, layer_map = self.selector.requests, self.layer_map
-        last = max((layer for _, layer in requests), default=None)
-        if self.selector.dense or layer_map.shared or ("mlp", last) not in requests or ("hidden", last) in requests:
+        layer_map, last = self.layer_map, mlp_exit_layer(self.selector.requests)
+        if self.selector.dense or layer_map.shared or last is None:
             return self._narrowed
         candidates = find_up_projections(layer_map.layers[last], layer_map.down_projections[last],
                                          layer_map.dims["hidden"])
