@@ -1,8 +1,9 @@
 """Batched sparse linear probes: every group (layer) and every regularisation strength in one solve.
 
 Sparsify-then-Classify fits an L1-regularised linear probe per layer and per strength. Instead of one sklearn
-fit at a time, this module solves all ``G`` groups x ``S`` strengths together with accelerated proximal
-gradient (FISTA), written as batched matrix products that run on whatever device ``X`` lives on.
+fit at a time, this module solves all ``G`` groups x ``S`` strengths together, with accelerated proximal
+gradient (FISTA) for L1 and L-BFGS for L2, written as batched matrix products that run on whatever device ``X``
+lives on.
 
 Objective of group ``g`` at strength ``s`` (the bias is never penalised)::
 
@@ -15,24 +16,28 @@ In sklearn's ``LogisticRegression`` terms the same problem is ``C = 1 / (n * str
 binary with L1); binary with L2 is ``C = 2 / (n * strength)`` because sklearn fits one weight vector where we
 return two.
 
-Solver:
+Solvers (all (group, strength) problems advance together; one iteration costs two batched products, ``X @ W^T``
+and ``R^T @ X``, because logits are carried between iterations and updated by linearity):
 
-* all (group, strength) problems advance together; one iteration costs two batched products, ``X @ W^T`` and
-  ``R^T @ X``, because logits are carried between iterations and updated by linearity;
-* each problem has its own step ``1/L``. ``L`` starts at 1/8 of a power-iteration estimate of the global
-  Lipschitz constant of its group (steps along actual descent directions meet far less curvature than the
-  worst case) and is adapted by backtracking: doubled when the sufficient-decrease test fails, shrunk by 5%
-  after each accepted step, capped at twice the global estimate. The test uses a cancellation-free Bregman
-  divergence, so it stays reliable in float32 close to the optimum;
-* momentum restarts per problem whenever it points against the proximal-gradient step;
+* L1 (the per-layer probes): FISTA. Each problem has its own step ``1/L``. ``L`` starts at 1/8 of a
+  power-iteration estimate of the global Lipschitz constant of its group (steps along actual descent directions
+  meet far less curvature than the worst case) and is adapted by backtracking: doubled when the sufficient-decrease
+  test fails, shrunk by 5% after each accepted step, capped at twice the global estimate. The test uses a
+  cancellation-free Bregman divergence, so it stays reliable in float32 close to the optimum. Momentum restarts per
+  problem whenever it points against the proximal-gradient step;
+* L2 (the classifiers on the selected neurons): L-BFGS (`_lbfgs`), whose curvature pairs handle the correlated
+  neurons of many layers that slow a first-order method down: on MiniLM's Rotten Tomatoes candidates the weakest
+  strength reached a 1.7e-4 relative objective gap in ~70 iterations where FISTA stood at 1e-2 after 100. The line
+  search is exact from the logits and their change along the direction, so it costs no product;
 * a problem has converged once the relative change of its parameters (``||x_k+1 - x_k|| / ||x_k+1||``) stayed
-  below ``tol`` for 10 consecutive steps; a single small step is not enough, since the step right after a
-  momentum restart is typically 10-100x shorter than the ones around it. Strengths converged in every group
-  leave the batch, so late iterations only pay for the problems still running;
+  below ``tol`` for 10 consecutive FISTA steps (a single small step is not enough, since the step right after a
+  momentum restart is typically 10-100x shorter than the ones around it), or 2 L-BFGS steps. Strengths converged in
+  every group leave the batch, so late iterations only pay for the problems still running;
 * on CPU the groups are solved a few at a time (`_groups_per_pass`), so that their features stay in the
   processor's cache across iterations; groups are independent problems, so the results do not change;
-* with row chunking (large ``n``) logits are recomputed per chunk instead of stored: the same iterates (up to
-  rounding), with temporary memory bounded by one chunk;
+* with row chunking (large ``n``) the products run chunk by chunk, with temporary memory bounded by one chunk
+  (FISTA recomputes the logits per chunk instead of storing them; L-BFGS stores them, n x S x C numbers): the same
+  iterates up to rounding;
 * binary single-label problems are solved as one sigmoid output ``v`` and returned as ``W = [-v/2, v/2]``,
   an exact minimiser of the two-output softmax objective (same loss, same penalty) at half the cost.
 """
@@ -56,6 +61,10 @@ _STEP_GROWTH = 0.95  # L is multiplied by this after an accepted step ...
 _STEP_BACKOFF = 2.0  # ... and by this after a rejected one
 _CAP = 2.0  # L never exceeds twice the power-iteration estimate of the global Lipschitz constant
 _QUIET_STEPS = 10  # a problem stops after this many consecutive steps with a relative change below tol
+_MEMORY = 10  # L-BFGS curvature pairs kept per problem
+_ARMIJO = 1e-4  # sufficient decrease of an L-BFGS step: this share of the decrease the slope promises
+_MAX_HALVINGS = 40
+_QUIET_LBFGS = 2  # L-BFGS steps shrink steadily near the optimum (no momentum restarts): fewer quiet steps needed
 # On CPU, groups are solved a few at a time so that their features stay in the processor's cache over the
 # iterations instead of being read from memory every time (SmolLM2 MLP layers, [2000, 1536] each: 6.3 s for 30
 # groups at once, 4.0 s two at a time)
@@ -413,6 +422,30 @@ class _Evaluator:
                 self.scratch.give(Zc, P)
         return gW.view(G, S, K, d) / self.n, gb / self.n, P if self.full else None
 
+    def all_logits(self, W, b):
+        """Logits [G, S, K, n] on every row, computed chunk by chunk in chunked mode (they are n x S x K numbers;
+        chunking bounds the products' temporaries)."""
+        if self.full:
+            return _logits(self.p.X, W, b, self.scratch)
+        Z = W.new_empty(*W.shape[:3], self.n)
+        for start, (Xc, _) in zip(range(0, self.n, self.chunk), self._chunks()):
+            Zc = _logits(Xc, W, b, self.scratch)
+            Z[..., start : start + Xc.shape[1]] = Zc
+            self.scratch.give(Zc)
+        return Z
+
+    def gradient_at(self, Z):
+        """``(gW, gb)`` of the mean loss at logits Z [G, S, K, n]: one product ``R^T X`` (chunk by chunk)."""
+        G, S, K, n = Z.shape
+        R, P = _residual(Z, self.p.target, self.p.loss, self.scratch)
+        gW = Z.new_zeros(G, S * K, self.p.X.shape[2])
+        rows = R.view(G, S * K, n)
+        for start, (Xc, _) in zip(range(0, n, self.chunk), self._chunks()):
+            gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
+        gb = R.sum(-1)
+        self.scratch.give(R, P)
+        return gW.view(G, S, K, -1) / n, gb / n
+
     def bregman(self, W, b, W_new, b_new, Z=None, Z_new=None, P=None):
         """Mean Bregman divergence [G, S] of the loss from (W, b) to (W_new, b_new); P is handed back."""
         if self.full:
@@ -432,13 +465,9 @@ class _Evaluator:
         return total / self.n
 
 
-def _prox(W: torch.Tensor, threshold: torch.Tensor, penalty: str, mask) -> torch.Tensor:
-    """Proximal map of ``threshold * penalty`` on W [G, S, K, d] (in place); masked features become zero."""
-    threshold = threshold[:, :, None, None]
-    if penalty == "l1":
-        W = torch.sign(W).mul_((W.abs() - threshold).clamp_(min=0))
-    else:
-        W = W.div_(1 + threshold)
+def _prox(W: torch.Tensor, threshold: torch.Tensor, mask) -> torch.Tensor:
+    """Proximal map of ``threshold * ||.||_1`` (soft thresholding) on W [G, S, K, d]; masked features become zero."""
+    W = torch.sign(W).mul_((W.abs() - threshold[:, :, None, None]).clamp_(min=0))
     return W if mask is None else W.mul_(mask[:, None, None, :])
 
 
@@ -483,7 +512,7 @@ def _restore(new: torch.Tensor, old: torch.Tensor, rejected) -> torch.Tensor:
     return new
 
 
-def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
+def _fista_step(ev: _Evaluator, s: _State, tol: float):
     """One batched FISTA iteration with per-problem backtracking and gradient-based momentum restart.
 
     Returns the new state and ``done`` [G, S]: the problems that just converged (their ``x`` is the result).
@@ -492,7 +521,7 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
     """
     g_W, g_b, P = ev.gradient(s.y_W, s.y_b, s.Z_y)
     step = 1 / s.L
-    new_W = _prox(s.y_W - g_W * step[:, :, None, None], s.lam * step, penalty, ev.p.mask)
+    new_W = _prox(s.y_W - g_W * step[:, :, None, None], s.lam * step, ev.p.mask)
     new_b = s.y_b - g_b * step[:, :, None]
     d_W, d_b = new_W - s.y_W, new_b - s.y_b
     Z_new = ev.logits(new_W, new_b)
@@ -535,13 +564,13 @@ def _fista_step(ev: _Evaluator, s: _State, penalty: str, tol: float):
     return state, done
 
 
-def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
+def _fista(ev: _Evaluator, W, b, lam, L0, max_iter, tol):
     """Run FISTA on all (g, s) problems; strengths finished in every group leave the batch.
 
     Returns W [G, S, K, d], b [G, S, K], the number of iterations and ``converged`` [G, S].
     """
     G, S = lam.shape
-    W = _prox(W.clone(), torch.zeros_like(lam), penalty, ev.p.mask)  # masks the starting point
+    W = _prox(W.clone(), torch.zeros_like(lam), ev.p.mask)  # masks the starting point
     Z = ev.logits(W, b)
     L = L0[:, None].expand(G, S).contiguous()
     Z_y = None if Z is None else Z.clone()
@@ -556,7 +585,7 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        s, done = _fista_step(ev, s, penalty, tol)
+        s, done = _fista_step(ev, s, tol)
         if done.any():
             record(s, done)
             converged[:, s.cols] |= done
@@ -568,6 +597,139 @@ def _fista(ev: _Evaluator, W, b, lam, L0, penalty, max_iter, tol):
                 ev.scratch.clear()
     else:
         record(s, s.active)
+    return out_W, out_b, n_iter, converged
+
+
+def _loss_change(Z: torch.Tensor, dZ: torch.Tensor, T: torch.Tensor, loss: str) -> torch.Tensor:
+    """Summed ``loss(Z + dZ) - loss(Z)`` [G, S] in float64 (inputs are float64): exact enough to compare the tiny
+    decreases of late line searches, where a difference of two float32 losses would be noise."""
+    if loss == "squared":
+        return (dZ * (Z - T + dZ / 2)).sum((2, 3))
+    if loss == "sigmoid":
+        def softplus(x):  # without F.softplus's linear branch above a threshold, which is off by up to 2e-9
+            return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+        return (softplus(Z + dZ) - softplus(Z) - T * dZ).sum((2, 3))
+    return (torch.logsumexp(Z + dZ, 2) - torch.logsumexp(Z, 2)).sum(-1) - (T * dZ).sum((2, 3))
+
+
+def _lbfgs_direction(memory: list, gW, gb):
+    """``(qW, qb, scaled)``: the L-BFGS direction ``-H g`` from the curvature pairs ``[s_W, s_b, y_W, y_b, rho]``
+    (oldest first; ``rho = 0`` marks an unusable pair) by the two-loop recursion. ``scaled`` [G, S]: the problems
+    with a usable pair, whose step 1 is the quasi-Newton step; the others get ``-g``."""
+    qW, qb = -gW, -gb
+    alphas = []
+    for s_W, s_b, y_W, y_b, rho in reversed(memory):
+        a = rho * _inner(s_W, s_b, qW, qb)
+        alphas.append(a)
+        qW, qb = qW - a[:, :, None, None] * y_W, qb - a[:, :, None] * y_b
+    gamma = torch.zeros_like(gb[..., 0])  # s^T y / y^T y of the newest usable pair: the initial Hessian's scale
+    for _, _, y_W, y_b, rho in memory:
+        gamma = torch.where(rho > 0, rho.reciprocal() / _sq_norm(y_W, y_b).clamp(min=1e-300), gamma)
+    scaled = gamma > 0
+    gamma = torch.where(scaled, gamma, 1)
+    qW, qb = qW * gamma[:, :, None, None], qb * gamma[:, :, None]
+    for (s_W, s_b, y_W, y_b, rho), a in zip(memory, reversed(alphas)):
+        beta = rho * _inner(y_W, y_b, qW, qb)
+        qW, qb = qW + (a - beta)[:, :, None, None] * s_W, qb + (a - beta)[:, :, None] * s_b
+    return qW, qb, scaled
+
+
+def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, qb, lam, slope, scaled) -> torch.Tensor:
+    """Step sizes [G, S] along (qW, qb) meeting the Armijo condition, 0 where none is found at float precision.
+
+    The objective along the line is exact from the logits Z and their change dZ (no product per trial), its
+    change summed in float64 row chunk by row chunk. Trials start at 1 for quasi-Newton directions, else at the
+    minimiser of the loss's quadratic upper bound along the direction (which always passes), and halve.
+    """
+    n, T = ev.n, ev.p.target
+    lam, slope = lam.double(), slope.double()
+    q_sq, w_q = qW.double().square().sum((2, 3)), (W.double() * qW.double()).sum((2, 3))
+    bound = _CURVATURE[ev.p.loss] * dZ.double().square().sum((2, 3)) / n + lam * q_sq
+    step = torch.where(scaled, torch.ones_like(slope), -slope / bound.clamp(min=1e-300))
+    accepted = torch.zeros_like(scaled)
+    for _ in range(_MAX_HALVINGS):
+        change = lam * (step * w_q + step * step * q_sq / 2)
+        for i in range(0, n, ev.chunk):
+            rows = slice(i, i + ev.chunk)
+            change += _loss_change(Z[..., rows].double(), step[:, :, None, None] * dZ[..., rows],
+                                   T[:, rows].double(), ev.p.loss) / n
+        accepted |= change <= _ARMIJO * step * slope  # NaN (overflow) fails
+        if accepted.all():
+            break
+        step = torch.where(accepted, step, step / 2)
+    return torch.where(accepted, step, 0).to(W.dtype)
+
+
+def _lbfgs(ev: _Evaluator, W, b, lam, max_iter, tol):
+    """Minimise every (g, s) L2 problem with batched L-BFGS; strengths finished in every group leave the batch.
+
+    Each iteration costs two products, ``X @ q`` (the logits' change along the direction) and ``R^T @ X`` (the
+    gradient at the new point); the line search costs none (`_armijo_steps`). A problem stops like in FISTA, on a
+    relative change below ``tol``, here after `_QUIET_LBFGS` such steps in a row (quasi-Newton steps shrink
+    steadily near the optimum), or when no step decreases its objective at float precision.
+    Returns W, b, the iterations run and ``converged`` [G, S].
+    """
+    G, S = lam.shape
+    mask = ev.p.mask
+    W = W.clone() if mask is None else W * mask[:, None, None, :]
+    b = b.clone()
+    Z = ev.all_logits(W, b)
+
+    def gradient(W, Z):
+        gW, gb = ev.gradient_at(Z)
+        gW = gW.add_(W * lam[:, :, None, None])
+        return (gW if mask is None else gW.mul_(mask[:, None, None, :])), gb
+
+    gW, gb = gradient(W, Z)
+    if not (torch.isfinite(gW).all() and torch.isfinite(gb).all()):
+        raise ValueError(_NON_FINITE.format(name="X"))
+    memory: list[list[torch.Tensor]] = []  # curvature pairs [s_W, s_b, y_W, y_b, rho], oldest first
+    out_W, out_b = W.clone(), b.clone()
+    converged = torch.zeros(G, S, dtype=torch.bool, device=W.device)
+    active, quiet = ~converged, torch.zeros(G, S, dtype=torch.long, device=W.device)
+    cols = torch.arange(S, device=W.device)  # positions of the strengths still in the batch
+
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        qW, qb, scaled = _lbfgs_direction(memory, gW, gb)
+        slope = _inner(gW, gb, qW, qb)
+        stale = slope >= 0  # not a descent direction (curvature pairs from far away): the gradient, pairs forgotten
+        if stale.any():
+            qW, qb = torch.where(stale[:, :, None, None], -gW, qW), torch.where(stale[:, :, None], -gb, qb)
+            scaled, slope = scaled & ~stale, _inner(gW, gb, qW, qb)
+            for pair in memory:
+                pair[4] = torch.where(stale, 0, pair[4])
+        dZ = ev.all_logits(qW, torch.zeros_like(qb)) + qb[..., None]
+        step = _armijo_steps(ev, Z, dZ, W, qW, qb, lam, slope, scaled)
+        s_W, s_b = qW * step[:, :, None, None], qb * step[:, :, None]
+        W, b, Z = W + s_W, b + s_b, Z + step[:, :, None, None] * dZ
+        new_gW, new_gb = gradient(W, Z)
+        y_W, y_b = new_gW - gW, new_gb - gb
+        sy = _inner(s_W, s_b, y_W, y_b)
+        usable = sy > 1e-10 * torch.sqrt(_sq_norm(s_W, s_b) * _sq_norm(y_W, y_b))
+        memory = [*memory[-(_MEMORY - 1):], [s_W, s_b, y_W, y_b, torch.where(usable, sy.reciprocal(), 0)]]
+        gW, gb = new_gW, new_gb
+
+        small = _sq_norm(s_W, s_b) <= tol * tol * _sq_norm(W, b)
+        quiet = torch.where(small, quiet + 1, 0)
+        done = active & ((quiet >= _QUIET_LBFGS) | (step == 0))
+        if done.any():
+            g, s_ = done.nonzero(as_tuple=True)
+            out_W[g, cols[s_]], out_b[g, cols[s_]] = W[g, s_], b[g, s_]
+            converged[:, cols] |= done
+            active = active & ~done
+            running = active.any(0)
+            if not running.any():
+                break
+            if not running.all():  # strengths done in every group leave the batch
+                keep = running.nonzero().squeeze(1)
+                W, b, Z, gW, gb, lam, quiet, active = (
+                    t.index_select(1, keep) for t in (W, b, Z, gW, gb, lam, quiet, active))
+                memory, cols = [[t.index_select(1, keep) for t in pair] for pair in memory], cols[keep]
+                ev.scratch.clear()
+    else:
+        g, s_ = active.nonzero(as_tuple=True)
+        out_W[g, cols[s_]], out_b[g, cols[s_]] = W[g, s_], b[g, s_]
     return out_W, out_b, n_iter, converged
 
 
@@ -608,7 +770,10 @@ def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None,
         stop = min(start + per_pass, G)
         part = problem.groups(start, stop)
         ev = _Evaluator(part, chunk_size if chunk_size else _default_chunk(part, S))
-        parts.append(_fista(ev, W[start:stop], b[start:stop], lam[start:stop], _lipschitz(part), penalty, max_iter, tol))
+        if penalty == "l1":
+            parts.append(_fista(ev, W[start:stop], b[start:stop], lam[start:stop], _lipschitz(part), max_iter, tol))
+        else:
+            parts.append(_lbfgs(ev, W[start:stop], b[start:stop], lam[start:stop], max_iter, tol))
     W, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     converged = torch.cat([p[3] for p in parts])
     weight, bias = _to_public(W, b, problem)

@@ -153,16 +153,17 @@ def test_lambda_max_is_the_zero_threshold(task):
 # ------------------------------------------------------------------------------------- masks, groups, warm start
 
 
-def test_masked_features_get_exact_zeros_and_match_the_submatrix():
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_masked_features_get_exact_zeros_and_match_the_submatrix(penalty):
     X, y = make_data(groups=2, d=10)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 6:] = False  # group 0 is a narrower layer, zero-padded
     mask[1, ::3] = False
     strengths = torch.tensor([0.01, 0.05])
-    fit = fit_linear_probes(X, y, SINGLE, strengths, feature_mask=mask, **TIGHT)
+    fit = fit_linear_probes(X, y, SINGLE, strengths, feature_mask=mask, penalty=penalty, **TIGHT)
     assert (fit.weight[~mask[:, None, :, None].expand_as(fit.weight)] == 0).all()
     for g in range(2):
-        alone = fit_linear_probes(X[g : g + 1, :, mask[g]], y, SINGLE, strengths, **TIGHT)
+        alone = fit_linear_probes(X[g : g + 1, :, mask[g]], y, SINGLE, strengths, penalty=penalty, **TIGHT)
         torch.testing.assert_close(fit.weight[g][:, mask[g]], alone.weight[0], atol=1e-7, rtol=0)
     # the mask also applies at prediction time: weights put on masked features are not read
     noisy = ProbeFit(fit.weight + (~mask)[:, None, :, None] * 5.0, fit.bias, fit.n_iter, fit.converged)
@@ -170,12 +171,13 @@ def test_masked_features_get_exact_zeros_and_match_the_submatrix():
     assert not torch.allclose(predict_probes(X, noisy), predict_probes(X, fit))
 
 
-def test_batched_groups_equal_separate_fits():
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_batched_groups_equal_separate_fits(penalty):
     X, y = make_data(groups=3, classes=4, seed=5)
     strengths = torch.tensor([[0.003, 0.02], [0.005, 0.01], [0.01, 0.04]])  # per-group grids
-    fit = fit_linear_probes(X, y, SINGLE, strengths, max_iter=500)
+    fit = fit_linear_probes(X, y, SINGLE, strengths, penalty=penalty, max_iter=500)
     for g in range(3):
-        alone = fit_linear_probes(X[g : g + 1], y, SINGLE, strengths[g : g + 1], max_iter=500)
+        alone = fit_linear_probes(X[g : g + 1], y, SINGLE, strengths[g : g + 1], penalty=penalty, max_iter=500)
         torch.testing.assert_close(fit.weight[g], alone.weight[0], atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(fit.bias[g], alone.bias[0], atol=1e-9, rtol=1e-9)
         assert (fit.converged[g] == alone.converged[0]).all()
@@ -219,16 +221,18 @@ def test_groups_solved_a_few_at_a_time_equal_one_pass(monkeypatch):
     assert torch.equal(passes.converged, whole.converged) and passes.n_iter == whole.n_iter
 
 
-def test_warm_start_converges_faster_to_the_same_solution():
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_warm_start_converges_faster_to_the_same_solution(penalty):
     X, y = make_data(classes=3, seed=7)
-    cold = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), max_iter=5000, tol=1e-9)
-    previous = fit_linear_probes(X, y, SINGLE, torch.tensor([0.012]), max_iter=5000, tol=1e-9)
-    warm = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=previous, max_iter=5000, tol=1e-9)
+    kwargs = dict(penalty=penalty, max_iter=5000, tol=1e-9)
+    cold = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), **kwargs)
+    previous = fit_linear_probes(X, y, SINGLE, torch.tensor([0.012]), **kwargs)
+    warm = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=previous, **kwargs)
     assert warm.converged.all() and cold.converged.all()
     assert warm.n_iter < cold.n_iter
     torch.testing.assert_close(logit_gaps(predict_probes(X, warm)), logit_gaps(predict_probes(X, cold)),
                                atol=1e-6, rtol=0)
-    again = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=cold, max_iter=5000, tol=1e-9)
+    again = fit_linear_probes(X, y, SINGLE, torch.tensor([0.01]), init=cold, **kwargs)
     assert again.n_iter <= 3
 
 
@@ -262,17 +266,38 @@ def test_row_space_of_repeated_rows():
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
 @pytest.mark.parametrize("task", TASKS)
-def test_chunked_equals_unchunked_and_is_deterministic(task):
+def test_chunked_equals_unchunked_and_is_deterministic(task, penalty):
     X, y = make_data(n=300, classes=3 if task == SINGLE else 1, groups=2, seed=11)
     Y = {SINGLE: y, MULTI: torch.stack([y > 0, y > 0.7], 1).double(), REGRESSION: y}[task]
     strengths = torch.tensor([0.004, 0.02])
-    whole = fit_linear_probes(X, Y, task, strengths, max_iter=150)
-    chunked = fit_linear_probes(X, Y, task, strengths, max_iter=150, chunk_size=64)
+    whole = fit_linear_probes(X, Y, task, strengths, penalty=penalty, max_iter=150)
+    chunked = fit_linear_probes(X, Y, task, strengths, penalty=penalty, max_iter=150, chunk_size=64)
     torch.testing.assert_close(chunked.weight, whole.weight, atol=1e-8, rtol=1e-6)
     assert chunked.n_iter == whole.n_iter and torch.equal(chunked.converged, whole.converged)
-    again = fit_linear_probes(X, Y, task, strengths, max_iter=150)
+    again = fit_linear_probes(X, Y, task, strengths, penalty=penalty, max_iter=150)
     assert torch.equal(again.weight, whole.weight) and torch.equal(again.bias, whole.bias)
+
+
+def test_l2_fits_converge_in_few_iterations_where_conditioning_is_poor():
+    """L2 problems are solved by L-BFGS: nearly collinear features and a weak strength (condition number ~1e4)
+    converge to sklearn's optimum in a few dozen iterations, from a cold start and from a start far away."""
+    X, y = make_data(n=400, d=30, classes=3, seed=21)
+    X[..., 2] = X[..., 0] + 1e-2 * X[..., 3]
+    X = (X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True)
+    lam = torch.tensor([1e-4])
+    fit = fit_linear_probes(X, y, SINGLE, lam, penalty="l2", max_iter=1000, tol=1e-8)
+    assert fit.converged.all() and fit.n_iter < 120  # FISTA: 170
+    ref = sklearn_logistic(X[0].numpy(), y.numpy(), 1 / (400 * 1e-4), l1=False)
+    ref_fit = ProbeFit(torch.from_numpy(ref.coef_.T)[None, None], torch.from_numpy(ref.intercept_)[None, None], 0,
+                       torch.ones(1, 1, dtype=torch.bool))
+    ours, theirs = (probe_objective(X, y, SINGLE, f, lam, penalty="l2").item() for f in (fit, ref_fit))
+    assert ours <= theirs + 1e-9 and ours == pytest.approx(theirs, rel=1e-7)
+    far = ProbeFit(torch.full_like(fit.weight, 50.0), torch.full_like(fit.bias, -30.0), 0, fit.converged)
+    again = fit_linear_probes(X, y, SINGLE, lam, penalty="l2", init=far, max_iter=1000, tol=1e-8)
+    assert again.converged.all()
+    assert probe_objective(X, y, SINGLE, again, lam, penalty="l2").item() == pytest.approx(ours, rel=1e-7)
 
 
 def test_unconverged_problems_are_reported():
