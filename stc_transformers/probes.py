@@ -612,30 +612,30 @@ def _loss_change(Z: torch.Tensor, dZ: torch.Tensor, T: torch.Tensor, loss: str) 
     return (torch.logsumexp(Z + dZ, 2) - torch.logsumexp(Z, 2)).sum(-1) - (T * dZ).sum((2, 3))
 
 
-def _lbfgs_direction(memory: list, gW, gb):
-    """``(qW, qb, scaled)``: the L-BFGS direction ``-H g`` from the curvature pairs ``[s_W, s_b, y_W, y_b, rho]``
-    (oldest first; ``rho = 0`` marks an unusable pair) by the two-loop recursion. ``scaled`` [G, S]: the problems
-    with a usable pair, whose step 1 is the quasi-Newton step; the others get ``-g``."""
-    qW, qb = -gW, -gb
+def _lbfgs_direction(memory: list, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scaled)``: the L-BFGS direction ``-H g`` [G, S, P] (flat parameters) from the curvature pairs
+    ``(s, y, rho, gamma)`` (oldest first; ``rho = 0`` marks an unusable pair, ``gamma = s^T y / y^T y``) by the
+    two-loop recursion. ``scaled`` [G, S]: the problems with a usable pair, whose step 1 is the quasi-Newton step;
+    the others get ``-g``."""
+    q = -g
     alphas = []
-    for s_W, s_b, y_W, y_b, rho in reversed(memory):
-        a = rho * _inner(s_W, s_b, qW, qb)
+    for s, y, rho, _ in reversed(memory):
+        a = rho * torch.linalg.vecdot(s, q)
+        q.addcmul_(y, a[..., None], value=-1)
         alphas.append(a)
-        qW, qb = qW - a[:, :, None, None] * y_W, qb - a[:, :, None] * y_b
-    gamma = torch.zeros_like(gb[..., 0])  # s^T y / y^T y of the newest usable pair: the initial Hessian's scale
-    for _, _, y_W, y_b, rho in memory:
-        gamma = torch.where(rho > 0, rho.reciprocal() / _sq_norm(y_W, y_b).clamp(min=1e-300), gamma)
+    gamma = torch.zeros_like(g[..., 0])  # of the newest usable pair: the scale of the initial inverse Hessian
+    for _, _, rho, pair_gamma in memory:
+        gamma = torch.where(rho > 0, pair_gamma, gamma)
     scaled = gamma > 0
-    gamma = torch.where(scaled, gamma, 1)
-    qW, qb = qW * gamma[:, :, None, None], qb * gamma[:, :, None]
-    for (s_W, s_b, y_W, y_b, rho), a in zip(memory, reversed(alphas)):
-        beta = rho * _inner(y_W, y_b, qW, qb)
-        qW, qb = qW + (a - beta)[:, :, None, None] * s_W, qb + (a - beta)[:, :, None] * s_b
-    return qW, qb, scaled
+    q.mul_(torch.where(scaled, gamma, 1)[..., None])
+    for (s, y, rho, _), a in zip(memory, reversed(alphas)):
+        q.addcmul_(s, (a - rho * torch.linalg.vecdot(y, q))[..., None])
+    return q, scaled
 
 
-def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, qb, lam, slope, scaled) -> torch.Tensor:
-    """Step sizes [G, S] along (qW, qb) meeting the Armijo condition, 0 where none is found at float precision.
+def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, lam, slope, scaled) -> torch.Tensor:
+    """Step sizes [G, S] along the direction (qW and a bias part) meeting the Armijo condition, 0 where none is
+    found at float precision.
 
     The objective along the line is exact from the logits Z and their change dZ (no product per trial), its
     change summed in float64 row chunk by row chunk. Trials start at 1 for quasi-Newton directions, else at the
@@ -663,59 +663,63 @@ def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, qb, lam, slope, scaled) -> torch
 def _lbfgs(ev: _Evaluator, W, b, lam, max_iter, tol):
     """Minimise every (g, s) L2 problem with batched L-BFGS; strengths finished in every group leave the batch.
 
-    Each iteration costs two products, ``X @ q`` (the logits' change along the direction) and ``R^T @ X`` (the
-    gradient at the new point); the line search costs none (`_armijo_steps`). A problem stops like in FISTA, on a
-    relative change below ``tol``, here after `_QUIET_LBFGS` such steps in a row (quasi-Newton steps shrink
-    steadily near the optimum), or when no step decreases its objective at float precision.
-    Returns W, b, the iterations run and ``converged`` [G, S].
+    Parameters are kept flat, ``theta = [W.flatten(), b]`` [G, S, K*d + K], so that the recursion's inner products
+    and updates are one operation each. Each iteration costs two products, ``X @ q`` (the logits' change along the
+    direction) and ``R^T @ X`` (the gradient at the new point); the line search costs none (`_armijo_steps`). A
+    problem stops like in FISTA, on a relative change below ``tol``, here after `_QUIET_LBFGS` such steps in a row
+    (quasi-Newton steps shrink steadily near the optimum), or when no step decreases its objective at float
+    precision. Returns W, b, the iterations run and ``converged`` [G, S].
     """
-    G, S = lam.shape
+    G, S, K, d = W.shape
     mask = ev.p.mask
-    W = W.clone() if mask is None else W * mask[:, None, None, :]
-    b = b.clone()
-    Z = ev.all_logits(W, b)
 
-    def gradient(W, Z):
+    def split(theta):  # views of the weights [G, S, K, d] and biases [G, S, K]
+        return theta[..., : K * d].unflatten(-1, (K, d)), theta[..., K * d :]
+
+    def gradient(theta, Z):  # flat gradient of the objective at theta, whose logits are Z
         gW, gb = ev.gradient_at(Z)
-        gW = gW.add_(W * lam[:, :, None, None])
-        return (gW if mask is None else gW.mul_(mask[:, None, None, :])), gb
+        gW = gW.add_(split(theta)[0] * lam[:, :, None, None])
+        gW = gW if mask is None else gW.mul_(mask[:, None, None, :])
+        return torch.cat([gW.flatten(2), gb], -1)
 
-    gW, gb = gradient(W, Z)
-    if not (torch.isfinite(gW).all() and torch.isfinite(gb).all()):
+    theta = torch.cat([(W if mask is None else W * mask[:, None, None, :]).flatten(2), b], -1)
+    Z = ev.all_logits(*split(theta))
+    g = gradient(theta, Z)
+    if not torch.isfinite(g).all():
         raise ValueError(_NON_FINITE.format(name="X"))
-    memory: list[list[torch.Tensor]] = []  # curvature pairs [s_W, s_b, y_W, y_b, rho], oldest first
-    out_W, out_b = W.clone(), b.clone()
+    memory: list[tuple] = []  # curvature pairs (s, y, rho, gamma), oldest first
+    out = theta.clone()
     converged = torch.zeros(G, S, dtype=torch.bool, device=W.device)
     active, quiet = ~converged, torch.zeros(G, S, dtype=torch.long, device=W.device)
     cols = torch.arange(S, device=W.device)  # positions of the strengths still in the batch
 
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        qW, qb, scaled = _lbfgs_direction(memory, gW, gb)
-        slope = _inner(gW, gb, qW, qb)
+        q, scaled = _lbfgs_direction(memory, g)
+        slope = torch.linalg.vecdot(g, q)
         stale = slope >= 0  # not a descent direction (curvature pairs from far away): the gradient, pairs forgotten
         if stale.any():
-            qW, qb = torch.where(stale[:, :, None, None], -gW, qW), torch.where(stale[:, :, None], -gb, qb)
-            scaled, slope = scaled & ~stale, _inner(gW, gb, qW, qb)
-            for pair in memory:
-                pair[4] = torch.where(stale, 0, pair[4])
+            q = torch.where(stale[..., None], -g, q)
+            scaled, slope = scaled & ~stale, torch.linalg.vecdot(g, q)
+            memory = [(s, y, torch.where(stale, 0, rho), gamma) for s, y, rho, gamma in memory]
+        qW, qb = split(q)
         dZ = ev.all_logits(qW, torch.zeros_like(qb)) + qb[..., None]
-        step = _armijo_steps(ev, Z, dZ, W, qW, qb, lam, slope, scaled)
-        s_W, s_b = qW * step[:, :, None, None], qb * step[:, :, None]
-        W, b, Z = W + s_W, b + s_b, Z + step[:, :, None, None] * dZ
-        new_gW, new_gb = gradient(W, Z)
-        y_W, y_b = new_gW - gW, new_gb - gb
-        sy = _inner(s_W, s_b, y_W, y_b)
-        usable = sy > 1e-10 * torch.sqrt(_sq_norm(s_W, s_b) * _sq_norm(y_W, y_b))
-        memory = [*memory[-(_MEMORY - 1):], [s_W, s_b, y_W, y_b, torch.where(usable, sy.reciprocal(), 0)]]
-        gW, gb = new_gW, new_gb
+        step = _armijo_steps(ev, Z, dZ, split(theta)[0], qW, lam, slope, scaled)
+        s = q.mul_(step[..., None])
+        theta, Z = theta + s, Z + step[:, :, None, None] * dZ
+        new_g = gradient(theta, Z)
+        y = new_g - g
+        sy, yy = torch.linalg.vecdot(s, y), torch.linalg.vecdot(y, y)
+        usable = sy > 1e-10 * torch.sqrt(torch.linalg.vecdot(s, s) * yy)
+        memory = [*memory[-(_MEMORY - 1) :], (s, y, torch.where(usable, sy.reciprocal(), 0), sy / yy.clamp(min=1e-300))]
+        g = new_g
 
-        small = _sq_norm(s_W, s_b) <= tol * tol * _sq_norm(W, b)
+        small = torch.linalg.vecdot(s, s) <= tol * tol * torch.linalg.vecdot(theta, theta)
         quiet = torch.where(small, quiet + 1, 0)
         done = active & ((quiet >= _QUIET_LBFGS) | (step == 0))
         if done.any():
-            g, s_ = done.nonzero(as_tuple=True)
-            out_W[g, cols[s_]], out_b[g, cols[s_]] = W[g, s_], b[g, s_]
+            g_, s_ = done.nonzero(as_tuple=True)
+            out[g_, cols[s_]] = theta[g_, s_]
             converged[:, cols] |= done
             active = active & ~done
             running = active.any(0)
@@ -723,14 +727,14 @@ def _lbfgs(ev: _Evaluator, W, b, lam, max_iter, tol):
                 break
             if not running.all():  # strengths done in every group leave the batch
                 keep = running.nonzero().squeeze(1)
-                W, b, Z, gW, gb, lam, quiet, active = (
-                    t.index_select(1, keep) for t in (W, b, Z, gW, gb, lam, quiet, active))
-                memory, cols = [[t.index_select(1, keep) for t in pair] for pair in memory], cols[keep]
+                theta, Z, g, lam, quiet, active = (t.index_select(1, keep) for t in (theta, Z, g, lam, quiet, active))
+                memory, cols = [tuple(t.index_select(1, keep) for t in pair) for pair in memory], cols[keep]
                 ev.scratch.clear()
     else:
-        g, s_ = active.nonzero(as_tuple=True)
-        out_W[g, cols[s_]], out_b[g, cols[s_]] = W[g, s_], b[g, s_]
-    return out_W, out_b, n_iter, converged
+        g_, s_ = active.nonzero(as_tuple=True)
+        out[g_, cols[s_]] = theta[g_, s_]
+    W, b = split(out)
+    return W.contiguous(), b.contiguous(), n_iter, converged
 
 
 # ------------------------------------------------------------------------------------------------- public API
