@@ -565,7 +565,7 @@ def _fista_step(ev: _Evaluator, s: _State, tol: float):
 
 
 def _fista(ev: _Evaluator, W, b, lam, L0, max_iter, tol):
-    """Run FISTA on all (g, s) problems; strengths finished in every group leave the batch.
+    """Run FISTA on all (g, s) L1 problems; strengths finished in every group leave the batch.
 
     Returns W [G, S, K, d], b [G, S, K], the number of iterations and ``converged`` [G, S].
     """
