@@ -408,19 +408,19 @@ class _Evaluator:
         return _logits(self.p.X, W, b, self.scratch) if self.full else None
 
     def gradient(self, W, b, Z=None):
-        """``(gW, gb, P)`` at (W, b); Z are its logits and P its probabilities (unchunked mode only)."""
+        """``(gW, gb, P)`` at (W, b); Z are its logits and P its probabilities (unchunked mode only; chunked mode
+        recomputes the logits chunk by chunk instead of storing them, and P is None)."""
+        if self.full:
+            return self.gradient_at(_logits(self.p.X, W, b, self.scratch) if Z is None else Z, probabilities=True)
         G, S, K, d = W.shape
         gW, gb = W.new_zeros(G, S * K, d), W.new_zeros(G, S, K)
-        parts = [(self.p.X, self.p.target, Z)] if self.full else ((Xc, Tc, None) for Xc, Tc in self._chunks())
-        for Xc, Tc, Zc in parts:
-            Zc = _logits(Xc, W, b, self.scratch) if Zc is None else Zc
+        for Xc, Tc in self._chunks():
+            Zc = _logits(Xc, W, b, self.scratch)
             R, P = _residual(Zc, Tc, self.p.loss, self.scratch)
             gb += R.sum(-1)
             gW.baddbmm_(R.view(G, S * K, Xc.shape[1]), Xc)
-            self.scratch.give(R)
-            if not self.full:
-                self.scratch.give(Zc, P)
-        return gW.view(G, S, K, d) / self.n, gb / self.n, P if self.full else None
+            self.scratch.give(R, Zc, P)
+        return gW.view(G, S, K, d) / self.n, gb / self.n, None
 
     def all_logits(self, W, b):
         """Logits [G, S, K, n] on every row, computed chunk by chunk in chunked mode (they are n x S x K numbers;
@@ -434,8 +434,9 @@ class _Evaluator:
             self.scratch.give(Zc)
         return Z
 
-    def gradient_at(self, Z):
-        """``(gW, gb)`` of the mean loss at logits Z [G, S, K, n]: one product ``R^T X`` (chunk by chunk)."""
+    def gradient_at(self, Z, probabilities=False):
+        """``(gW, gb)`` of the mean loss at logits Z [G, S, K, n] on every row: one product ``R^T X`` (chunk by
+        chunk); with `probabilities`, also P (handed to the caller, as `gradient` does)."""
         G, S, K, n = Z.shape
         R, P = _residual(Z, self.p.target, self.p.loss, self.scratch)
         gW = Z.new_zeros(G, S * K, self.p.X.shape[2])
@@ -443,8 +444,12 @@ class _Evaluator:
         for start, (Xc, _) in zip(range(0, n, self.chunk), self._chunks()):
             gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
         gb = R.sum(-1)
-        self.scratch.give(R, P)
-        return gW.view(G, S, K, -1) / n, gb / n
+        self.scratch.give(R)
+        gW = gW.view(G, S, K, -1) / n
+        if probabilities:
+            return gW, gb / n, P
+        self.scratch.give(P)
+        return gW, gb / n
 
     def bregman(self, W, b, W_new, b_new, Z=None, Z_new=None, P=None):
         """Mean Bregman divergence [G, S] of the loss from (W, b) to (W_new, b_new); P is handed back."""
@@ -641,7 +646,7 @@ def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, lam, slope, scaled) -> torch.Ten
     change summed in float64 row chunk by row chunk. Trials start at 1 for quasi-Newton directions, else at the
     minimiser of the loss's quadratic upper bound along the direction (which always passes), and halve.
     """
-    n, T = ev.n, ev.p.target
+    n, T = ev.n, ev.p.target.double()
     lam, slope = lam.double(), slope.double()
     q_sq, w_q = qW.double().square().sum((2, 3)), (W.double() * qW.double()).sum((2, 3))
     bound = _CURVATURE[ev.p.loss] * dZ.double().square().sum((2, 3)) / n + lam * q_sq
@@ -651,8 +656,8 @@ def _armijo_steps(ev: _Evaluator, Z, dZ, W, qW, lam, slope, scaled) -> torch.Ten
         change = lam * (step * w_q + step * step * q_sq / 2)
         for i in range(0, n, ev.chunk):
             rows = slice(i, i + ev.chunk)
-            change += _loss_change(Z[..., rows].double(), step[:, :, None, None] * dZ[..., rows],
-                                   T[:, rows].double(), ev.p.loss) / n
+            change += _loss_change(Z[..., rows].double(), step[:, :, None, None] * dZ[..., rows], T[:, rows],
+                                   ev.p.loss) / n
         accepted |= change <= _ARMIJO * step * slope  # NaN (overflow) fails
         if accepted.all():
             break
@@ -709,12 +714,12 @@ def _lbfgs(ev: _Evaluator, W, b, lam, max_iter, tol):
         theta, Z = theta + s, Z + step[:, :, None, None] * dZ
         new_g = gradient(theta, Z)
         y = new_g - g
-        sy, yy = torch.linalg.vecdot(s, y), torch.linalg.vecdot(y, y)
-        usable = sy > 1e-10 * torch.sqrt(torch.linalg.vecdot(s, s) * yy)
+        sy, yy, ss = torch.linalg.vecdot(s, y), torch.linalg.vecdot(y, y), torch.linalg.vecdot(s, s)
+        usable = sy > 1e-10 * torch.sqrt(ss * yy)
         memory = [*memory[-(_MEMORY - 1) :], (s, y, torch.where(usable, sy.reciprocal(), 0), sy / yy.clamp(min=1e-300))]
         g = new_g
 
-        small = torch.linalg.vecdot(s, s) <= tol * tol * torch.linalg.vecdot(theta, theta)
+        small = ss <= tol * tol * torch.linalg.vecdot(theta, theta)
         quiet = torch.where(small, quiet + 1, 0)
         done = active & ((quiet >= _QUIET_LBFGS) | (step == 0))
         if done.any():
