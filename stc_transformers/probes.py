@@ -38,6 +38,16 @@ and ``R^T @ X``, because logits are carried between iterations and updated by li
 * with row chunking (large ``n``) the products run chunk by chunk, with temporary memory bounded by one chunk
   (FISTA recomputes the logits per chunk instead of storing them; L-BFGS stores them, n x S x C numbers): the same
   iterates up to rounding;
+* bfloat16 products (L1, stored logits, on processors that multiply bfloat16 natively: ``bf16_products``): a
+  bfloat16 copy of X (relative rounding 2^-9, far below the data's noise) is multiplied in bfloat16 with float32
+  accumulation, 2-5x faster than float32 on such CPUs. The products' outputs are rounded to bfloat16, so each is
+  arranged to round a small quantity: the logits move by the product of the step (``Z_new = Z_y + X (new - y)``),
+  and the gradient is an exact float32 one (every 8th iteration) plus the product of the residuals' change since
+  then, whose high and low bfloat16 parts keep 16 significant bits. Rounding then shrinks as the solver settles,
+  so problems converge in as many iterations as in float32. On the probes of MiniLM's and SmolLM2's layers (100
+  iterations each) this made the stage 25-40% faster; objective values match the float32 solver's to a median
+  relative 1e-7, and the neurons kept at each eta overlap with a mean Jaccard index of 0.99 (differences among
+  nearly tied neurons and problems the iteration cap stops);
 * binary single-label problems are solved as one sigmoid output ``v`` and returned as ``W = [-v/2, v/2]``,
   an exact minimiser of the two-output softmax objective (same loss, same penalty) at half the cost.
 """
@@ -69,6 +79,8 @@ _QUIET_LBFGS = 2  # L-BFGS steps shrink steadily near the optimum (no momentum r
 # iterations instead of being read from memory every time (SmolLM2 MLP layers, [2000, 1536] each: 6.3 s for 30
 # groups at once, 4.0 s two at a time)
 _CACHE_BYTES = 48 << 20
+_BF16_REFRESH = 8  # bfloat16 mode: every 8th gradient product is an exact float32 one
+_BF16_COLUMNS = 32  # bfloat16 products X @ W^T get W padded to a multiple of this many rows (4-6x faster below 16)
 
 _NON_FINITE = (
     "{name} contains NaN or infinite values: the features overflowed (typically hidden states extracted in "
@@ -392,11 +404,14 @@ def _default_chunk(problem: _Problem, S: int) -> int:
 class _Evaluator:
     """Gradients and Bregman divergences of the mean loss, on all rows at once or summed over row chunks."""
 
-    def __init__(self, problem: _Problem, chunk_size: int):
+    def __init__(self, problem: _Problem, chunk_size: int, bf16: bool = False):
         self.p = problem
         self.n = problem.X.shape[1]
         self.chunk = min(max(1, int(chunk_size)), self.n)
         self.full = self.chunk == self.n  # logits are stored between iterations only then
+        self.X_bf16 = problem.X.to(torch.bfloat16) if bf16 and self.full else None  # see the module docstring
+        self.gradients = 0  # bfloat16 mode: gradient products so far (every _BF16_REFRESH-th is exact)
+        self.reference = None  # bfloat16 mode: residuals and exact gradient of the last exact gradient product
         self.scratch = _Scratch()
 
     def _chunks(self):
@@ -406,6 +421,20 @@ class _Evaluator:
     def logits(self, W, b):
         """Logits on all rows (unchunked mode), else None."""
         return _logits(self.p.X, W, b, self.scratch) if self.full else None
+
+    def moved_logits(self, W, b, dW, db, Z):
+        """Logits at (W, b), which is a point with logits Z moved by (dW, db) (unchunked mode, else None): Z plus
+        the bfloat16 product of the move in bfloat16 mode, else one float32 product."""
+        if self.X_bf16 is None:
+            return self.logits(W, b)
+        G, S, K, d = dW.shape
+        columns = dW.reshape(G, S * K, d).to(torch.bfloat16)
+        if S * K % _BF16_COLUMNS:  # zero columns up to a multiple: oneDNN's kernels for narrow outputs are slow
+            columns = torch.cat([columns, columns.new_zeros(G, -S * K % _BF16_COLUMNS, d)], 1)
+        moved = torch.bmm(self.X_bf16, columns.transpose(1, 2))  # [G, n, >= SK]
+        Z_new = self.scratch.take(Z.shape, Z)
+        Z_new.view(G, S * K, self.n).copy_(moved[:, :, : S * K].transpose(1, 2))
+        return Z_new.add_(db[..., None]).add_(Z)
 
     def gradient(self, W, b, Z=None):
         """``(gW, gb, P)`` at (W, b); Z are its logits and P its probabilities (unchunked mode only; chunked mode
@@ -439,10 +468,14 @@ class _Evaluator:
         chunk); with `probabilities`, also P (handed to the caller, as `gradient` does)."""
         G, S, K, n = Z.shape
         R, P = _residual(Z, self.p.target, self.p.loss, self.scratch)
-        gW = Z.new_zeros(G, S * K, self.p.X.shape[2])
         rows = R.view(G, S * K, n)
-        for start, (Xc, _) in zip(range(0, n, self.chunk), self._chunks()):
-            gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
+        gW = self._bf16_gradient(rows) if self.X_bf16 is not None else None
+        if gW is None:
+            gW = Z.new_zeros(G, S * K, self.p.X.shape[2])
+            for start, (Xc, _) in zip(range(0, n, self.chunk), self._chunks()):
+                gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
+            if self.X_bf16 is not None:
+                self.reference = rows.clone(), gW.clone()
         gb = R.sum(-1)
         self.scratch.give(R)
         gW = gW.view(G, S, K, -1) / n
@@ -450,6 +483,21 @@ class _Evaluator:
             return gW, gb / n, P
         self.scratch.give(P)
         return gW, gb / n
+
+    def _bf16_gradient(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``R^T X`` [G, SK, d] for residuals ``rows`` [G, SK, n]: the last exact gradient plus the bfloat16 product
+        of the residuals' change since then, split into high + low bfloat16 parts (one product for both), so that
+        its rounding is relative to the change and shrinks as the solver settles. None when the caller should
+        compute an exact product instead: the first time, after the batch changed, and every `_BF16_REFRESH`-th
+        time."""
+        self.gradients += 1
+        if self.reference is None or self.reference[0].shape != rows.shape or self.gradients % _BF16_REFRESH == 0:
+            return None
+        change = rows - self.reference[0]
+        high = change.to(torch.bfloat16)
+        both = torch.bmm(torch.cat([high, (change - high.float()).to(torch.bfloat16)], 1), self.X_bf16)
+        SK = rows.shape[1]
+        return both[:, :SK].float().add_(both[:, SK:].float()).add_(self.reference[1])
 
     def bregman(self, W, b, W_new, b_new, Z=None, Z_new=None, P=None):
         """Mean Bregman divergence [G, S] of the loss from (W, b) to (W_new, b_new); P is handed back."""
@@ -529,7 +577,7 @@ def _fista_step(ev: _Evaluator, s: _State, tol: float):
     new_W = _prox(s.y_W - g_W * step[:, :, None, None], s.lam * step, ev.p.mask)
     new_b = s.y_b - g_b * step[:, :, None]
     d_W, d_b = new_W - s.y_W, new_b - s.y_b
-    Z_new = ev.logits(new_W, new_b)
+    Z_new = ev.moved_logits(new_W, new_b, d_W, d_b, s.Z_y)
     gap = ev.bregman(s.y_W, s.y_b, new_W, new_b, s.Z_y, Z_new, P)
     # sufficient decrease; at the cap (a global Lipschitz bound) only rounding can fail the test: accept
     ok = (gap <= 0.5 * s.L * _sq_norm(d_W, d_b) * (1 + 1e-6)) | (s.L >= s.L_cap)
@@ -746,14 +794,15 @@ def _lbfgs(ev: _Evaluator, W, b, lam, max_iter, tol):
 
 
 def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None, init=None, max_iter=300,
-                      tol=1e-4, chunk_size=None, num_classes=None) -> ProbeFit:
+                      tol=1e-4, chunk_size=None, num_classes=None, bf16_products=None) -> ProbeFit:
     """Fit G x S regularised linear probes at once (objective in the module docstring).
 
     ``X`` [G, n, d] is never modified. ``Y``: class ids [n] (single-label), {0, 1} [n, C] (multi-label) or
     targets [n] / [n, C] (regression). ``strengths`` [S] or [G, S]. ``feature_mask`` [G, d] bool forces zero
     weight on masked-out features. ``init``: a ProbeFit of the same shapes to warm-start from. ``chunk_size``:
     rows per chunk of the data passes (default: no chunking unless the logits would be large). ``num_classes``
-    (single-label) defaults to ``Y.max() + 1``.
+    (single-label) defaults to ``Y.max() + 1``. ``bf16_products`` (L1 without row chunking; see the module
+    docstring; float32 X only): None uses them where the processor multiplies bfloat16 natively (`native_bf16`).
 
     Returns weights [G, S, d, C], biases [G, S, C], the iterations run and which problems met ``tol`` within
     ``max_iter`` (the others return their last iterate).
@@ -773,12 +822,14 @@ def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None,
     else:
         W = problem.X.new_zeros(G, S, K, d)
         b = _intercept_only(problem)[:, None, :].expand(G, S, K).contiguous()
+    bf16 = penalty == "l1" and problem.X.dtype == torch.float32 and (
+        native_bf16(problem.X.device) if bf16_products is None else bf16_products)
     per_pass = _groups_per_pass(problem.X)
     parts = []
     for start in range(0, G, per_pass):
         stop = min(start + per_pass, G)
         part = problem.groups(start, stop)
-        ev = _Evaluator(part, chunk_size if chunk_size else _default_chunk(part, S))
+        ev = _Evaluator(part, chunk_size if chunk_size else _default_chunk(part, S), bf16)
         if penalty == "l1":
             parts.append(_fista(ev, W[start:stop], b[start:stop], lam[start:stop], _lipschitz(part), max_iter, tol))
         else:
@@ -787,6 +838,15 @@ def fit_linear_probes(X, Y, task, strengths, *, penalty="l1", feature_mask=None,
     converged = torch.cat([p[3] for p in parts])
     weight, bias = _to_public(W, b, problem)
     return ProbeFit(weight=weight, bias=bias, n_iter=max(p[2] for p in parts), converged=converged)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products are much faster than float32 ones here: CPUs with AMX or AVX512-BF16.
+    (On accelerators the float32 products are fast already.)"""
+    if torch.device(device).type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _groups_per_pass(X: torch.Tensor) -> int:

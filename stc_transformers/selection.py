@@ -81,6 +81,7 @@ class SearchSettings:
     cv_folds: int = 5
     cv_below: int = 200
     chunk_rows: int = 4096
+    bf16_probes: bool | None = None  # bfloat16 products in the layer probes (None: where the CPU has them natively)
     device: str | torch.device = "cpu"
     seed: int = 42
     progress: bool = True
@@ -378,6 +379,7 @@ class SelectionSearch:
     def _fit(self, X, Y, strengths, **kwargs):
         kwargs.setdefault("max_iter", self.settings.max_iter)
         kwargs.setdefault("tol", self.settings.tol)
+        kwargs.setdefault("bf16_products", self.settings.bf16_probes)
         return fit_linear_probes(X.to(self.device), Y.to(self.device), self.task, strengths,
                                  num_classes=self.num_labels if self.task == "single_label_classification" else None,
                                  **kwargs)

@@ -54,6 +54,7 @@ class STCTrainingArguments:
     min_relative_spread: float = SearchSettings.min_relative_spread
     cv_folds: int = SearchSettings.cv_folds
     cv_below: int = SearchSettings.cv_below
+    bf16_probes: bool | None = SearchSettings.bf16_probes
     seed: int = 42
     device: str | None = None
     progress: bool = True
@@ -90,7 +91,7 @@ class STCTrainingArguments:
             final_strengths=tuple(self.final_strengths), search_samples=self.search_samples,
             max_iter=self.max_iter, tol=self.tol, families=self.families, finalists=self.finalists,
             early_exit_tolerance=self.early_exit_tolerance, min_relative_spread=self.min_relative_spread,
-            cv_folds=self.cv_folds, cv_below=self.cv_below, device=device,
+            cv_folds=self.cv_folds, cv_below=self.cv_below, bf16_probes=self.bf16_probes, device=device,
             seed=self.seed, progress=self.progress,
         )
 

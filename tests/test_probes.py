@@ -313,7 +313,7 @@ def test_float32_inputs_are_left_untouched_and_fit_well():
     X32 = X.float()
     copy = X32.clone()
     strengths = torch.tensor([0.005, 0.02])
-    fit = fit_linear_probes(X32, y, SINGLE, strengths, max_iter=1000, tol=1e-5)
+    fit = fit_linear_probes(X32, y, SINGLE, strengths, max_iter=1000, tol=1e-5, bf16_products=False)
     assert torch.equal(X32, copy)
     assert fit.weight.dtype == torch.float32 and fit.weight.shape == (2, 2, 12, 3) and fit.bias.shape == (2, 2, 3)
     exact = fit_linear_probes(X, y, SINGLE, strengths, **TIGHT)
@@ -322,6 +322,53 @@ def test_float32_inputs_are_left_untouched_and_fit_well():
     # half precision features are upcast
     half = fit_linear_probes(X32.half(), y, SINGLE, strengths, max_iter=50)
     assert half.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("task,classes", [(SINGLE, 2), (SINGLE, 4), (MULTI, 3), (REGRESSION, 3)])
+def test_bf16_products_solve_the_float32_problem(task, classes):
+    """bfloat16 products (L1 on float32 data) converge like float32 ones, to the objective within the rounding of
+    the data (relative 1e-4), with the features that float32 products keep, deterministically; masked features stay
+    exactly zero."""
+    X, y = make_data(n=400, d=30, classes=classes, groups=2, seed=3)
+    Y = {SINGLE: y, MULTI: torch.stack([y > 0, y > 1], 1).double(), REGRESSION: y.double()}[task]
+    strengths = torch.tensor([0.001, 0.01, 0.05])
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :5] = False
+    exact = fit_linear_probes(X, Y, task, strengths, feature_mask=mask, **TIGHT)
+    X32 = X.float()
+    fast = fit_linear_probes(X32, Y, task, strengths, feature_mask=mask, max_iter=1000, tol=1e-4, bf16_products=True)
+    plain = fit_linear_probes(X32, Y, task, strengths, feature_mask=mask, max_iter=1000, tol=1e-4,
+                              bf16_products=False)
+    assert fast.converged.all() and fast.n_iter <= plain.n_iter + 10
+    best = probe_objective(X, Y, task, exact, strengths)
+    assert ((probe_objective(X, Y, task, fast, strengths) - best) / best).abs().max() < 1e-4
+    assert torch.equal(fast.weight != 0, plain.weight != 0)
+    for eta in (0.5, 0.9, 0.99):  # up to a swap of two features whose importances are nearly tied at the cut
+        assert (select_by_importance(fast.weight, eta) != select_by_importance(plain.weight, eta)).sum() <= 2
+    assert (fast.weight[1, :, :5] == 0).all()
+    again = fit_linear_probes(X32, Y, task, strengths, feature_mask=mask, max_iter=1000, tol=1e-4, bf16_products=True)
+    assert torch.equal(again.weight, fast.weight) and torch.equal(again.bias, fast.bias)
+    assert not torch.equal(fast.weight, plain.weight)  # the bfloat16 path really ran
+
+
+def test_bf16_products_default_to_native_support_and_only_apply_to_float32_l1(monkeypatch):
+    from stc_transformers import probes
+
+    X, y = make_data(classes=3, groups=2, seed=4)
+    X32, strengths = X.float(), torch.tensor([0.005, 0.02])
+
+    def fit(data, **kwargs):
+        return fit_linear_probes(data, y, SINGLE, strengths, max_iter=200, **kwargs).weight
+
+    for native in (True, False):
+        monkeypatch.setattr(probes, "native_bf16", lambda device, native=native: native)
+        assert torch.equal(fit(X32), fit(X32, bf16_products=native))
+    assert not torch.equal(fit(X32, bf16_products=True), fit(X32, bf16_products=False))
+    # float64 data, L2 fits and chunked fits keep float32 (or float64) products
+    assert torch.equal(fit(X, bf16_products=True), fit(X, bf16_products=False))
+    assert torch.equal(fit(X32, penalty="l2", bf16_products=True), fit(X32, penalty="l2", bf16_products=False))
+    assert torch.equal(fit(X32, chunk_size=64, bf16_products=True), fit(X32, chunk_size=64, bf16_products=False))
+    assert probes.native_bf16(torch.device("meta")) is False
 
 
 # ----------------------------------------------------------------------------------------------------- scoring

@@ -199,6 +199,24 @@ def test_layer_probes_extend_the_grid_only_for_the_layers_at_the_weak_edge(tmp_p
     torch.testing.assert_close(weight[0], fits[2].weight[0, 0])
 
 
+@pytest.mark.parametrize("bf16_probes", [None, False, True])
+def test_bf16_probes_setting_reaches_the_layer_probes_only(tmp_path, monkeypatch, bf16_probes):
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][1, :, 0] > 1).astype(int)
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, bf16_probes=bf16_probes, cv_folds=0))
+    seen, fit = [], selection.fit_linear_probes
+
+    def spy(X, Y, task, strengths, **kwargs):
+        seen.append((kwargs.get("penalty", "l1"), kwargs["bf16_products"]))
+        return fit(X, Y, task, strengths, **kwargs)
+
+    monkeypatch.setattr(selection, "fit_linear_probes", spy)
+    search.run()
+    assert {penalty for penalty, _ in seen} == {"l1", "l2"}
+    assert {flag for _, flag in seen} == {bf16_probes}  # L2 fits ignore it (see test_probes)
+
+
 def test_layer_probes_leave_out_neurons_steadier_than_reduced_precision_resolves(tmp_path):
     cache, arrays = make_cache(tmp_path)
     y = (arrays[("mlp", "max")][1, :, 0] > 1).astype(int)

@@ -52,7 +52,8 @@ def test_training_arguments_reach_the_search_settings():
            "validation_fraction", "device"}
     changed = {"etas": (0.7,), "strength_ratios": (0.4,), "final_strengths": (3.0,), "search_samples": 123,
                "max_iter": 7, "tol": 0.5, "families": "all", "finalists": 2, "early_exit_tolerance": 0.05,
-               "min_relative_spread": 0.05, "cv_folds": 3, "cv_below": 9, "seed": 5, "progress": False}
+               "min_relative_spread": 0.05, "cv_folds": 3, "cv_below": 9, "bf16_probes": False, "seed": 5,
+               "progress": False}
     fields = {field.name for field in dataclasses.fields(STCTrainingArguments)}
     assert fields - own == set(changed)
     settings = STCTrainingArguments(**changed).search_settings("cpu")
