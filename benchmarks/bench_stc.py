@@ -1,7 +1,8 @@
 """STC against the Base probe, the best single layer and the all-layer concatenation, on one model and dataset.
 
 Prints (and writes as JSON) test accuracy / macro-F1 (R2 for regression), neurons used, exit layer, the fit cost
-relative to one plain forward pass over the same texts, and inference throughput on the test texts of the fitted
+relative to one plain forward pass over the same texts (the mean of one right before and one right after the
+fit), and inference throughput on the test texts of the fitted
 (early-exit) model against `AutoModelForSequenceClassification` on the same backbone (its head untrained: speed only).
 
     python benchmarks/bench_stc.py --model minilm --data rotten_tomatoes_offline
