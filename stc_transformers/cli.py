@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: validation set alone)")
     search.add_argument("--cv-below", type=_non_negative_int, default=SEARCH_DEFAULTS["cv_below"],
                         help="validation sets with fewer rows than this are joined by cross-validation (0: never)")
+    search.add_argument("--bf16-probes", choices=("auto", "on", "off"), default="auto",
+                        help="bfloat16 products in the per-layer probes (auto: on CPUs that multiply bfloat16 "
+                             "natively, AMX or AVX512-BF16; off: float32, results independent of the CPU)")
     fit.set_defaults(handler=cmd_fit)
 
     # ---- evaluate
@@ -631,6 +634,7 @@ def cmd_fit(args) -> int:
         finalists=args.finalists,
         early_exit_tolerance=args.early_exit_tolerance, min_relative_spread=args.min_relative_spread,
         cv_folds=args.cv_folds, cv_below=args.cv_below, seed=args.seed, device=args.device,
+        bf16_probes={"auto": None, "on": True, "off": False}[args.bf16_probes],
         progress=not args.no_progress, **search,
     )
     trainer = STCTrainer(model, training_args, train_dataset=train, eval_dataset=validation,

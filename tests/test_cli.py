@@ -283,8 +283,10 @@ def test_fit_single_file_internal_split_subsample_then_evaluate_on_builtin_sampl
     names = ["negative", "positive"]
     file = write_jsonl(tmp_path / "all.jsonl", [{"text": t, "label": names[y]} for t, y in zip(texts, labels)])
     code, out, err = run(capsys, "fit", "--model", backbone, "--data", file, "--output-dir", tmp_path / "out",
-                         "--max-train-samples", "100", "--sources", "hidden", "--poolings", "mean", *FAST)
+                         "--max-train-samples", "100", "--sources", "hidden", "--poolings", "mean", "--bf16-probes",
+                         "off", *FAST)
     assert code == 0, err
+    assert json.loads((tmp_path / "out" / "stc_training_args.json").read_text())["bf16_probes"] is False
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["validation"] == "internal split + 5-fold cross-validation" and metrics["num_train"] + metrics["num_validation"] == 100
     assert metrics["test_metrics"] is None and "No test split" in out
