@@ -402,7 +402,8 @@ def _default_chunk(problem: _Problem, S: int) -> int:
 
 
 class _Evaluator:
-    """Gradients and Bregman divergences of the mean loss, on all rows at once or summed over row chunks."""
+    """Gradients and Bregman divergences of the mean loss, on all rows at once or summed over row chunks (and, in
+    bfloat16 mode, the products of FISTA's steps and gradients with a bfloat16 copy of X)."""
 
     def __init__(self, problem: _Problem, chunk_size: int, bf16: bool = False):
         self.p = problem
@@ -469,13 +470,7 @@ class _Evaluator:
         G, S, K, n = Z.shape
         R, P = _residual(Z, self.p.target, self.p.loss, self.scratch)
         rows = R.view(G, S * K, n)
-        gW = self._bf16_gradient(rows) if self.X_bf16 is not None else None
-        if gW is None:
-            gW = Z.new_zeros(G, S * K, self.p.X.shape[2])
-            for start, (Xc, _) in zip(range(0, n, self.chunk), self._chunks()):
-                gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
-            if self.X_bf16 is not None:
-                self.reference = rows.clone(), gW.clone()
+        gW = self._product(rows) if self.X_bf16 is None else self._bf16_product(rows)
         gb = R.sum(-1)
         self.scratch.give(R)
         gW = gW.view(G, S, K, -1) / n
@@ -484,15 +479,23 @@ class _Evaluator:
         self.scratch.give(P)
         return gW, gb / n
 
-    def _bf16_gradient(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """``R^T X`` [G, SK, d] for residuals ``rows`` [G, SK, n]: the last exact gradient plus the bfloat16 product
-        of the residuals' change since then, split into high + low bfloat16 parts (one product for both), so that
-        its rounding is relative to the change and shrinks as the solver settles. None when the caller should
-        compute an exact product instead: the first time, after the batch changed, and every `_BF16_REFRESH`-th
-        time."""
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``R^T X`` [G, SK, d] for residuals ``rows`` [G, SK, n], chunk by chunk."""
+        gW = rows.new_zeros(*rows.shape[:2], self.p.X.shape[2])
+        for start, (Xc, _) in zip(range(0, self.n, self.chunk), self._chunks()):
+            gW.baddbmm_(rows[:, :, start : start + Xc.shape[1]], Xc)
+        return gW
+
+    def _bf16_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """`_product` in bfloat16 mode: the last exact product plus the bfloat16 product of the residuals' change
+        since then, split into high + low bfloat16 parts (one product for both), so that its rounding is relative
+        to the change and shrinks as the solver settles. Exact the first time, after the batch changed, and every
+        `_BF16_REFRESH`-th time."""
         self.gradients += 1
         if self.reference is None or self.reference[0].shape != rows.shape or self.gradients % _BF16_REFRESH == 0:
-            return None
+            gW = self._product(rows)
+            self.reference = rows.clone(), gW  # rows live in the scratch pool; gW is never modified in place
+            return gW
         change = rows - self.reference[0]
         high = change.to(torch.bfloat16)
         both = torch.bmm(torch.cat([high, (change - high.float()).to(torch.bfloat16)], 1), self.X_bf16)
