@@ -45,10 +45,10 @@ def subsample(split, limit, seed):
 
 
 def plain_forward_seconds(path, tokenizer, texts, max_length, batch_size, dtype) -> float:
-    """Wall time of one plain backbone pass (no hooks) over the texts, batched like the fit."""
+    """Wall time of one plain backbone pass (no hooks) over the texts, tokenized and batched like the fit."""
     model = AutoModel.from_pretrained(path, dtype=dtype).eval()
-    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     started = time.perf_counter()
+    batches = LengthSortedBatches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     with torch.inference_mode():
         for number in range(len(batches)):
             model(**batches.batch(number))

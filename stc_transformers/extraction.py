@@ -4,8 +4,8 @@ The pass calls the model's own `pooled_features` on a dense (unfitted) STC model
 features come from the same capture and pooling code. For every (source, pooling) the cache holds one float32
 array `[num_layers, num_texts, dim]` on disk (`<source>_<pooling>.npy`, opened with `numpy.load(mmap_mode=...)`),
 so peak memory does not grow with the dataset. Texts run longest first in length-sorted batches; progress is
-committed atomically every few batches, so an interrupted pass resumes where it stopped and never leaves a cache
-that looks complete but is not.
+committed atomically every few batches (the disk writes in a background thread, overlapping the next batches), so
+an interrupted pass resumes where it stopped and never leaves a cache that looks complete but is not.
 
 Several processes (`accelerate launch`, `torchrun`) can share one pass: `extract_features(..., accelerator=state)`
 gives each process every `num_processes`-th pending batch; each writes its rows straight into the shared memory-mapped
@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import socket
+import sys
+import threading
 import time
 import unicodedata
 import warnings
@@ -38,7 +40,7 @@ from .tokenization import LengthSortedBatches
 
 
 CACHE_VERSION = 3  # 3: means pooled by a batched product (`features_stc.pool`), other rounding
-COMMIT_SECONDS = 30.0  # default interval between flushes of the cache to disk
+COMMIT_SECONDS = 10.0  # default interval between commits (disk writes in the background, `_BackgroundCommit`)
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
 
@@ -355,15 +357,25 @@ def extract_features(
         with eval_mode(model):
             return _extract_shard(accelerator, cache, arrays, write_batch, commit_every=commit_every,
                                   progress=progress, description=description)
-    started = time.perf_counter()
+    started, pending = time.perf_counter(), None
     with eval_mode(model), tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description,
                                 disable=not progress, unit="batch") as bar:
-        for number in range(cache.meta["batches_done"], len(batches)):
-            write_batch(number)
-            bar.update(1)
-            if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
-                _commit(cache, arrays, number + 1, time.perf_counter() - started)
-                started = time.perf_counter()
+        try:
+            for number in range(cache.meta["batches_done"], len(batches)):
+                write_batch(number)
+                bar.update(1)
+                if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
+                    if pending is not None:
+                        pending.wait()
+                    seconds, started = time.perf_counter() - started, time.perf_counter()
+                    if number + 1 == len(batches):
+                        pending = None
+                        _commit(cache, arrays, number + 1, seconds)
+                    else:  # the disk writes run while the next batches are computed
+                        pending = _BackgroundCommit(cache, arrays, number + 1, seconds)
+        finally:
+            if pending is not None:  # an interrupted pass still records the batches written before the commit
+                pending.wait(reraise=sys.exc_info()[0] is None)
     return cache
 
 
@@ -375,14 +387,45 @@ def _commit_due(batches_done: int, last_commit: float, commit_every: int | None)
 
 
 def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
-    """Flush the arrays to disk, then record progress: a crash before this point redoes the batches."""
+    """Write the arrays to disk, then record progress: a crash before this point redoes the batches."""
     for array in arrays.values():
-        array.flush()
+        _write_to_disk(array)
     cache.meta["batches_done"] = batches_done
     cache.meta["seconds"] += seconds
     cache.save_meta()
     if cache.complete:
         (cache.path / PROGRESS_FILE).unlink(missing_ok=True)  # left by an interrupted multi-process pass
+
+
+def _write_to_disk(array: np.memmap):
+    """Write a memory-mapped array's changed pages to disk. On Linux a file's mapped pages are its page cache and
+    `os.fsync` writes them while other threads run; `mmap.flush` (msync) holds the interpreter lock throughout."""
+    if not sys.platform.startswith("linux"):
+        array.flush()
+        return
+    with open(array.filename, "rb") as file:
+        os.fsync(file.fileno())
+
+
+class _BackgroundCommit:
+    """A `_commit` in a thread, so that its disk writes overlap the next batches; `wait()` before the next commit.
+    Only this thread touches the cache's meta until then."""
+
+    def __init__(self, cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(cache, arrays, batches_done, seconds), daemon=True)
+        self.thread.start()
+
+    def _run(self, *args):
+        try:
+            _commit(*args)
+        except BaseException as error:  # raised in the caller's thread by `wait`
+            self.error = error
+
+    def wait(self, reraise: bool = True):
+        self.thread.join()
+        if self.error is not None and reraise:
+            raise self.error
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -908,6 +908,15 @@ class RowSpace:
         solved = torch.linalg.solve_triangular(self.factor, cross_gram.to(torch.float64).T, upper=False)
         return solved.T.to(self.X.dtype)
 
+    def coordinates(self, fit: ProbeFit) -> ProbeFit:
+        """Weights of X's own features ([1, S, d, C]) in the new basis, ``L^-1 X W``: the same training logits (up
+        to the ridge), e.g. to warm-start a fit on `features`."""
+        _, S, d, C = fit.weight.shape
+        logits = self.X @ fit.weight[0].permute(1, 0, 2).reshape(d, S * C).to(self.X)  # [n, S*C]
+        solved = torch.linalg.solve_triangular(self.factor, logits.to(torch.float64), upper=False)
+        weight = solved.to(self.X.dtype).reshape(-1, S, C).permute(1, 0, 2)
+        return ProbeFit(weight[None].contiguous(), fit.bias, fit.n_iter, fit.converged)
+
     def weights(self, fit: ProbeFit) -> ProbeFit:
         """A fit on `features` ([1, S, n, C] weights) as weights of X's own features ([1, S, d, C])."""
         _, S, n, C = fit.weight.shape

@@ -119,6 +119,7 @@ class Candidate:
             "validation_score": round(float(self.score), 6),
             "validation_loss": round(float(self.loss), 6),
             "all_rows_validation_score": None if self.all_rows_score is None else round(float(self.all_rows_score), 6),
+            "all_rows_validation_loss": None if self.all_rows_loss is None else round(float(self.all_rows_loss), 6),
             "num_features": self.num_features,
         }
 
@@ -354,7 +355,7 @@ class SelectionSearch:
         # `search_samples` and the validation set, not by the training set)
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
-        self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers) -> L2 fit on the sample, scores, losses
+        self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers, exit) -> L2 sample fit, scores, losses, ids
         self._all_rows_fits: dict[tuple, tuple] = {}
         self.probes: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # stage 1, per block
 
@@ -518,36 +519,61 @@ class SelectionSearch:
         strengths = torch.tensor(self.settings.final_strengths)
         scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
         losses = torch.full((len(layer_sets), len(strengths)), math.inf, dtype=torch.float64)
-        grams = _PrefixGrams(X, X_val)
+        grams, ids = _PrefixGrams(X, X_val), self._column_ids(groups)
         for i, (layers, exit_at) in enumerate(layer_sets):
             key = (family, eta, tuple(layers), exit_at)
             if key in self._sample_fits:
-                scores[i], losses[i] = self._sample_fits[key][1:]
+                scores[i], losses[i] = self._sample_fits[key][1:3]
                 continue
             columns = _set_columns(groups, layers, exit_at)
             if columns.size == 0:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
             assert stop - start == columns.size, "a layer set must be a column range (see `_groups`)"
-            fit, outputs = self._fit_columns(grams, start, stop, strengths)
+            fit, outputs = self._fit_columns(grams, start, stop, strengths, ids[start:stop])
             score, loss = self._judge(outputs)
             scores[i], losses[i] = score[0].cpu(), loss[0].cpu()
-            self._sample_fits[key] = fit, scores[i].clone(), losses[i].clone()
+            self._sample_fits[key] = fit, scores[i].clone(), losses[i].clone(), ids[start:stop]
         return scores, losses
 
-    def _fit_columns(self, grams: _PrefixGrams, start: int, stop: int, strengths) -> tuple[ProbeFit, torch.Tensor]:
-        """L2 fit on the sample's columns start:stop and its validation outputs [1, S, n_val, C]; in the row space
-        when the columns outnumber the rows."""
+    def _fit_columns(self, grams: _PrefixGrams, start: int, stop: int, strengths,
+                     ids: np.ndarray) -> tuple[ProbeFit, torch.Tensor]:
+        """L2 fit on the sample's columns start:stop (named by `ids`, see `_column_ids`) and its validation outputs
+        [1, S, n_val, C]; in the row space when the columns outnumber the rows. Warm-started from the fit of the
+        largest set of these columns fitted before (`_warm_start`)."""
         X, X_val = grams.X[:, start:stop], grams.X_val[:, start:stop]
-        space = None
+        init, space = self._warm_start(ids), None
         if X.shape[1] > X.shape[0]:
             gram, cross_gram = grams.get(start, stop)
             space = RowSpace.build(X, gram)
         if space is None:
-            fit = self._fit(X[None], self.y_sample, strengths, penalty="l2")
+            fit = self._fit(X[None], self.y_sample, strengths, penalty="l2", init=init)
             return fit, predict_probes(X_val[None], fit)
-        fit = self._fit(space.features[None], self.y_sample, strengths, penalty="l2")
+        init = None if init is None else space.coordinates(init)
+        fit = self._fit(space.features[None], self.y_sample, strengths, penalty="l2", init=init)
         return space.weights(fit), predict_probes(space.transform(cross_gram)[None], fit)
+
+    def _column_ids(self, groups) -> np.ndarray:
+        """One integer per column of the groups' concatenation, naming its block, layer and neuron."""
+        names = [(self.train.blocks.index(block) * self.num_layers + layer) * (1 << 32) + neurons.astype(np.int64)
+                 for block, layer, neurons in groups]
+        return np.concatenate(names) if names else np.zeros(0, dtype=np.int64)
+
+    def _warm_start(self, ids: np.ndarray) -> ProbeFit | None:
+        """The sample fit (all strengths) of the largest column set inside `ids` fitted before, as weights on `ids`,
+        zero on the columns it lacks: the same logits, a start near the optimum for nested sets (growing etas and
+        prefixes). None when no earlier set is inside `ids`."""
+        order = np.argsort(ids, kind="stable")
+        ordered = ids[order]
+        for fit, _, _, known in sorted(self._sample_fits.values(), key=lambda value: -len(value[3])):
+            if not 0 < len(known) <= len(ids):
+                continue
+            found = np.searchsorted(ordered, known).clip(max=len(ids) - 1)
+            if np.array_equal(ordered[found], known):
+                weight = fit.weight.new_zeros(*fit.weight.shape[:2], len(ids), fit.weight.shape[3])
+                weight[:, :, torch.from_numpy(order[found])] = fit.weight
+                return ProbeFit(weight, fit.bias.clone(), 0, fit.converged)
+        return None
 
     def run(self) -> SelectionResult:
         seconds = {}

@@ -254,6 +254,22 @@ def test_row_space_fit_equals_the_fit_on_all_columns(task):
     torch.testing.assert_close(on_validation, predict_probes(X_val, direct), atol=1e-7, rtol=1e-6)
 
 
+def test_row_space_coordinates_keep_the_training_logits_and_warm_start_a_fit():
+    """A fit of X's features mapped into the row space has the same training logits there; started from the mapped
+    optimum, the row-space fit is done at once."""
+    X, y = make_data(n=60, d=200, classes=3, seed=16)
+    strengths = torch.tensor([0.03, 0.3])
+    direct = fit_linear_probes(X, y, SINGLE, strengths, penalty="l2", **TIGHT)
+    space = RowSpace.build(X[0], ridge=1e-12)
+    mapped = space.coordinates(direct)
+    assert mapped.weight.shape == (1, 2, 60, 3)
+    torch.testing.assert_close(predict_probes(space.features[None], mapped), predict_probes(X, direct),
+                               atol=1e-7, rtol=1e-6)
+    again = fit_linear_probes(space.features[None], y, SINGLE, strengths, penalty="l2", init=mapped, tol=1e-6)
+    assert again.n_iter <= 3
+    torch.testing.assert_close(space.weights(again).weight, direct.weight, atol=1e-6, rtol=1e-5)
+
+
 def test_row_space_of_repeated_rows():
     """Duplicate rows make X X^T singular: the default ridge keeps it factorable and the fit unchanged."""
     X, y = make_data(n=60, d=200, classes=2, seed=15)

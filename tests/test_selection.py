@@ -20,6 +20,7 @@ from stc_transformers.selection import (
     block_statistics,
 )
 from stc_transformers.features_stc import steady_features
+from stc_transformers.probes import RowSpace, fit_linear_probes, predict_probes, probe_objective
 
 
 def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCache, dict]:
@@ -338,3 +339,40 @@ def test_a_chosen_prefix_may_stop_at_its_exit_layers_mlp(tmp_path, monkeypatch):
     whole = [c for c in result.candidates if c.layers == (0,) and c.exit_at == "block"]
     assert whole and all(c.num_features > result.best.num_features for c in whole)
     assert result.best.key in {c.key for c in result.candidates}
+
+
+@pytest.mark.parametrize("search_samples", [3000, 12])  # 12 rows: the larger set is fitted in the row space
+def test_nested_column_sets_start_from_the_largest_set_inside_them_fitted_before(tmp_path, monkeypatch, search_samples):
+    """Growing etas (and prefixes) are nested column sets: an L2 fit starts at the logits of the largest set inside
+    its own that was fitted before, and ends at the objective a cold start reaches."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, cv_folds=0, search_samples=search_samples))
+    search.layer_probes(block_statistics(cache, 4096))
+    family, layers = tuple(cache.blocks), (0, 1, 2)
+    groups = {eta: search._groups(family, eta, search.probes, layers) for eta in (0.5, 0.99)}
+    ids = {eta: search._column_ids(group) for eta, group in groups.items()}
+    X = {eta: torch.cat([search._columns(b, layer, n, False) for b, layer, n in group], 1)
+         for eta, group in groups.items()}
+    assert np.isin(ids[0.5], ids[0.99]).all() and len(ids[0.5]) < len(ids[0.99])
+    assert len(set(ids[0.99].tolist())) == len(ids[0.99])  # one name per column
+    assert search._warm_start(ids[0.99]) is None  # nothing fitted yet
+
+    search._integrate(family, 0.5, [(layers, "block")], groups[0.5])
+    small = search._sample_fits[(family, 0.5, layers, "block")][0]
+    start = search._warm_start(ids[0.99])
+    torch.testing.assert_close(predict_probes(X[0.99][None], start), predict_probes(X[0.5][None], small))
+    assert search._warm_start(ids[0.5][1:]) is None  # the fitted set is not inside this one
+
+    in_row_space, coordinates = [], RowSpace.coordinates
+    monkeypatch.setattr(RowSpace, "coordinates", lambda space, fit: in_row_space.append(1) or coordinates(space, fit))
+    search._integrate(family, 0.99, [(layers, "block")], groups[0.99])
+    assert len(in_row_space) == (search_samples == 12)  # 17 columns, 12 rows: the start is mapped into the row space
+    warm = search._sample_fits[(family, 0.99, layers, "block")][0]
+    strengths = torch.tensor(search.settings.final_strengths)
+    cold = fit_linear_probes(X[0.99][None], search.y_sample, "single_label_classification", strengths, penalty="l2",
+                             max_iter=5000, tol=1e-9)
+    objective = {name: probe_objective(X[0.99][None].double(), search.y_sample, "single_label_classification", fit,
+                                       strengths, penalty="l2") for name, fit in (("warm", warm), ("cold", cold))}
+    assert (objective["warm"] - objective["cold"] <= 1e-3 * objective["cold"]).all()
