@@ -276,7 +276,7 @@ def extract_features(
 
     `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model weights, the
     texts' token ids, padding, batching) is reused; an unfinished one resumes at the first uncommitted batch. Progress is committed
-    (flushed to disk) every `commit_every` batches, by default every 30 seconds of work.
+    (written to disk, in the background) every `commit_every` batches, by default every `COMMIT_SECONDS` (10) seconds of work.
 
     `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
     process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
