@@ -275,8 +275,9 @@ def extract_features(
     """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
 
     `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model weights, the
-    texts' token ids, padding, batching) is reused; an unfinished one resumes at the first uncommitted batch. Progress is committed
-    (written to disk, in the background) every `commit_every` batches, by default every `COMMIT_SECONDS` (10) seconds of work.
+    texts' token ids, padding, batching) is reused; an unfinished one resumes at the first uncommitted batch.
+    Progress is committed (written to disk, in the background) every `commit_every` batches, by default every
+    `COMMIT_SECONDS` (10) seconds of work.
 
     `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
     process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
