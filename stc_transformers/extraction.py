@@ -369,13 +369,9 @@ def extract_features(
                     if pending is not None:
                         pending.wait()
                     seconds, started = time.perf_counter() - started, time.perf_counter()
-                    if number + 1 == len(batches):
-                        pending = None
-                        _commit(cache, arrays, number + 1, seconds)
-                    else:  # the disk writes run while the next batches are computed
-                        pending = _BackgroundCommit(cache, arrays, number + 1, seconds)
+                    pending = _BackgroundCommit(cache, arrays, number + 1, seconds)  # overlaps the next batches
         finally:
-            if pending is not None:  # an interrupted pass still records the batches written before the commit
+            if pending is not None:  # the last commit; an interrupted pass still records the batches before it
                 pending.wait(reraise=sys.exc_info()[0] is None)
     return cache
 
@@ -513,7 +509,7 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
             bar.update(1)
             if step + 1 == len(mine) or _commit_due(step + 1, last_commit, commit_every):
                 for array in arrays.values():
-                    array.flush()
+                    _write_to_disk(array)
                 flags[finished] = 1  # only after the rows are on disk
                 flags.flush()
                 finished, last_commit = [], time.perf_counter()
