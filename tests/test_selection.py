@@ -13,6 +13,7 @@ from stc_transformers.selection import (
     FeatureMatrix,
     SearchSettings,
     SelectionSearch,
+    _BlockGrams,
     _PrefixGrams,
     _exit_points,
     _set_columns,
@@ -153,6 +154,58 @@ def test_prefix_grams_grow_and_match_direct_products():
         A = X[:, start:stop]
         torch.testing.assert_close(gram, A @ A.T)
         torch.testing.assert_close(cross, X_val[:, start:stop] @ A.T)
+
+
+@pytest.mark.parametrize("folds", [0, 3])
+def test_block_grams_match_direct_products_of_families_and_growing_etas(tmp_path, folds):
+    """Stage 2's Gram matrices, summed from per-block parts that grow with eta, equal the products of each
+    candidate's own columns: for every family and eta, in a cross-validation fold, and for a smaller set asked
+    after a larger one (its parts are rebuilt)."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
+    search = SelectionSearch(cache, cache, y, y[:40], "single_label_classification", 2,
+                             SearchSettings(progress=False, cv_folds=folds, cv_below=1000))
+    search.val_rows = np.arange(40)
+    search.folds = search._cross_validation_folds()
+    search.layer_probes(block_statistics(cache, 4096))
+    layers = (0, 1, 2)
+    families = selection._families(cache.blocks)
+    for fitter in search.searches:
+        grams = _BlockGrams(fitter)
+        for eta in (0.5, 0.9, 0.99, 0.5):
+            for family in families:
+                groups = fitter._groups(family, eta, fitter.probes, layers)
+                X = torch.cat([fitter._columns(b, layer, n, False) for b, layer, n in groups], 1)
+                X_val = torch.cat([fitter._columns(b, layer, n, True) for b, layer, n in groups], 1)
+                gram, cross = grams.get(groups)
+                torch.testing.assert_close(gram, X @ X.T, rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(cross, X_val @ X.T, rtol=1e-5, atol=1e-4)
+    assert len(search.searches) == 1 + folds
+
+
+def test_all_layer_candidates_with_shared_grams_score_as_separate_fits(tmp_path):
+    """Stage 2 runs etas outermost to share Gram matrices, and returns its candidates family by family, each eta in
+    the settings' order, scored as when every candidate is fitted on its own (12 sample rows: in the row space)."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
+    settings = SearchSettings(progress=False, cv_folds=0, search_samples=12, etas=(0.9, 0.5, 0.99))
+    shared, alone = (SelectionSearch(cache, cache, y, y, "single_label_classification", 2, settings) for _ in "ab")
+    for search in (shared, alone):
+        search.layer_probes(block_statistics(cache, 4096))
+    families, layers = selection._families(cache.blocks), (0, 1, 2)
+    candidates = shared._all_layer_candidates(families, selection.tqdm(disable=True))
+    expected = []
+    for family in families:
+        for eta in settings.etas:
+            groups = alone._groups(family, eta, alone.probes, layers)
+            layer_sets = [(layers, _exit_points(groups, layers)[-1])]
+            expected += alone._candidates(family, eta, layer_sets, *alone._integrate(family, eta, layer_sets, groups),
+                                          groups)
+    assert [c.key for c in candidates] == [c.key for c in expected]
+    assert max(c.num_features for c in candidates) > 12  # some fits ran in the row space
+    np.testing.assert_allclose([c.score for c in candidates], [c.score for c in expected], atol=1e-6)
+    # the fits stop within the solver's tolerance (1e-3) of the optimum, from other warm starts in the other order
+    np.testing.assert_allclose([c.loss for c in candidates], [c.loss for c in expected], rtol=5e-3)
 
 
 def test_tie_break_takes_the_lowest_loss_among_scores_within_noise():
