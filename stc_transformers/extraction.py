@@ -271,6 +271,7 @@ def extract_features(
     progress: bool = True,
     description: str = "Extracting features",
     accelerator=None,
+    weights_fingerprint: str | None = None,
 ) -> FeatureCache:
     """Run the backbone once over `texts` and cache every layer's pooled features under `cache_dir`.
 
@@ -283,6 +284,9 @@ def extract_features(
     process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
     device (`accelerator.device`); the processes split the batches and all return the finished cache. All processes
     must run on one machine (they share the memory-mapped files).
+
+    `weights_fingerprint`: `model_fingerprint(model)` when the caller computed it for these weights already (a fit
+    extracts two splits; on SmolLM2 it takes 2 s).
     """
     if model.config.selection is not None:
         raise ValueError(
@@ -301,7 +305,7 @@ def extract_features(
     autocast = autocast_dtype(model.device.type)
     key = {
         "version": CACHE_VERSION,
-        "model": model_fingerprint(model),
+        "model": weights_fingerprint or model_fingerprint(model),
         "texts": texts_fingerprint(texts),
         "tokens": tokens_fingerprint(batches),  # any change of vocabulary, truncation side or max_length
         "tokenizer": [type(tokenizer).__name__, tokenizer.padding_side, tokenizer.pad_token_id],

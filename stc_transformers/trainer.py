@@ -23,7 +23,7 @@ import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 from tqdm.auto import tqdm
 
-from .extraction import check_texts, distributed_state, extract_features
+from .extraction import check_texts, distributed_state, extract_features, model_fingerprint
 from .interpret import label_names, problem_type
 from .metrics import compute_metrics
 from .selection import METRIC_NAMES, SearchSettings, SelectionSearch
@@ -506,7 +506,7 @@ class STCTrainer:
         if not getattr(self.model.backbone, "hf_device_map", None):  # placed with `device_map`: it stays there
             self.model.to(distributed.device if distributed is not None else self.device)
         extract = dict(max_length=args.token_limit(self.model), batch_size=args.batch_size, progress=args.progress,
-                       accelerator=distributed)
+                       accelerator=distributed, weights_fingerprint=model_fingerprint(self.model))
         train_cache = extract_features(self.model, self.tokenizer, texts, self._cache_dir(),
                                        description="Features (train)", **extract)
         val_cache = extract_features(self.model, self.tokenizer, val_texts, self._cache_dir(),

@@ -646,6 +646,25 @@ def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
     assert len(set(paths)) == len(paths)
 
 
+def test_a_fit_fingerprints_the_weights_once_for_both_splits(tmp_path, monkeypatch):
+    """The weights' fingerprint (2 s on SmolLM2) is computed once per fit, and the fit's caches are the ones a direct
+    `extract_features` call computes its own fingerprint for and finds."""
+    from stc_transformers import extraction, trainer as trainer_module
+
+    calls = []
+    counted = lambda model: calls.append(1) or extraction.model_fingerprint(model)  # noqa: E731
+    monkeypatch.setattr(trainer_module, "model_fingerprint", counted)
+    trainer, split = make_trainer(tmp_path)
+    trainer.train()
+    assert len(calls) == 1
+    dense = STCModelTester().model("bert")  # the same seed: the weights the fit started from
+    for texts in (split["train"]["text"], split["test"]["text"]):
+        cache = extract_features(dense, trainer.tokenizer, list(texts), trainer._cache_dir(), max_length=32,
+                                 batch_size=16, progress=False)
+        assert cache.complete
+    assert len(list(trainer._cache_dir().iterdir())) == 2  # both found: no third cache
+
+
 def test_a_full_disk_gives_an_error_before_any_work(tmp_path, monkeypatch):
     import errno
     import os
