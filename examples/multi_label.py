@@ -14,7 +14,7 @@ how a model does on naturally multi-topic news.
 
 Backbone: the real all-MiniLM-L6-v2 (offline package). Run from the repository root. Cost: about 2.3
 CPU-minutes (measured: 3.5 minutes wall on the 2 CPU cores of this project's machine, shared with other jobs,
-load average 6-7):
+load average 6-7; 87 s on the AVX-512 machine):
 
     python examples/multi_label.py
 """

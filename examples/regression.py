@@ -9,7 +9,7 @@ Data: the snippets of Hutto & Gilbert (2014, MIT licence) with their mean human 
 speed. Backbone: the real all-MiniLM-L6-v2 (offline package).
 
 Run from the repository root. Cost: about 2 CPU-minutes (measured: 3 minutes wall on the 2 CPU cores of this
-project's machine, shared with other jobs, load average 4-7):
+project's machine, shared with other jobs, load average 4-7; 40 s on the AVX-512 machine):
 
     python examples/regression.py
 """
