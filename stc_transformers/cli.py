@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="L1 strengths of the per-layer probes, as ratios of lambda_max "
                              f"(default: {_spaced(SEARCH_DEFAULTS['strength_ratios'])})")
     search.add_argument("--final-strengths", nargs="+", type=_positive_float, default=None, metavar="STRENGTH",
-                        help="L2 strengths tried for the final classifier (default: "
+                        help="L2 strengths tried for the final classifier, extended beyond an edge that the "
+                             "choice sits at; one strength is taken as given (default: "
                              f"{_spaced(SEARCH_DEFAULTS['final_strengths'])})")
     search.add_argument("--max-iter", type=_positive_int, default=SEARCH_DEFAULTS["max_iter"],
                         help="optimizer iterations per probe")

@@ -174,7 +174,7 @@ def _hyperparameters(model, chosen: dict, selection: dict) -> list[tuple[str, ob
         ("eta (share of probe weight kept per layer)", _fmt(chosen.get("eta"))),
         ("Exit layer", f"{model.config.exit_layer}" + (", at its MLP" if model.config.exit_at == "mlp" else "")),
         ("Layers", chosen.get("layers") or "-"),
-        ("Probe L1 strength", _fmt(chosen.get("strength"))),
+        ("Head L2 strength", _fmt(chosen.get("strength"))),
         ("Features read by the head", selection["num_features"]),
         ("Standardised features", model.config.standardize),
     ]

@@ -20,7 +20,9 @@ Search, for each problem type:
    `early_exit_tolerance` of the best score, and a single layer instead only when it beats that prefix by more than
    the validation noise (see `_choose_depth`). A chosen prefix whose exit layer has MLP and other neurons is also
    fitted without the others: within the tolerance, the backbone stops at that layer's MLP down-projection;
-4. refit the winner on all training rows.
+4. while the chosen L2 strength sits at an edge of its grid, fit the chosen layer set at two strengths beyond that
+   edge (`_extend_strengths`): one of them is chosen when it scores higher, or as high at a lower validation loss;
+5. refit the winner on all training rows.
 
 Validation sets of fewer than `cv_below` rows decide by chance between candidates a few texts apart. Then
 `cv_folds` folds of the search sample join them (`_Fold`): each fold runs stages 1-3 on the other folds' rows and
@@ -169,6 +171,7 @@ def read_block(cache: FeatureCache, block, index: np.ndarray, layers=None, out=N
 
 
 _CHUNK_BYTES = 1 << 28  # most bytes of a chunk of rows read into memory at once
+_STRENGTH_EXTENSIONS = 3  # at most 3 extensions of the L2 grid beyond an edge (each two strengths, down to 0.001x)
 
 
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
@@ -405,6 +408,7 @@ class SelectionSearch:
         self.sample_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self.validation_blocks: dict[tuple[str, str], torch.Tensor] = {}
         self._sample_fits: dict[tuple, tuple] = {}  # (blocks, eta, layers, exit) -> L2 sample fit, scores, losses, ids
+        self._extension_fits: dict[tuple, ProbeFit] = {}  # candidate key -> sample fit at a strength off the grid
         self._all_rows_fits: dict[tuple, tuple] = {}
         self.probes: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # stage 1, per block
 
@@ -565,8 +569,7 @@ class SelectionSearch:
         stage) is not fitted again, and the fits warm-start the refits on every training row. `block_grams` gives
         the Gram matrices of the set of all columns (stage 2).
         """
-        X = torch.cat([self._columns(b, layer, neurons, False) for b, layer, neurons in groups], 1).to(self.device)
-        X_val = torch.cat([self._columns(b, layer, neurons, True) for b, layer, neurons in groups], 1).to(self.device)
+        X, X_val = self._sample_columns(groups)
         strengths = torch.tensor(self.settings.final_strengths)
         scores = torch.full((len(layer_sets), len(strengths)), -math.inf)
         losses = torch.full((len(layer_sets), len(strengths)), math.inf, dtype=torch.float64)
@@ -582,19 +585,24 @@ class SelectionSearch:
                 continue
             start, stop = int(columns[0]), int(columns[-1]) + 1
             assert stop - start == columns.size, "a layer set must be a column range (see `_groups`)"
-            fit, outputs = self._fit_columns(grams, start, stop, strengths, ids[start:stop])
+            fit, outputs = self._fit_columns(grams, start, stop, strengths, self._warm_start(ids[start:stop]))
             score, loss = self._judge(outputs)
             scores[i], losses[i] = score[0].cpu(), loss[0].cpu()
             self._sample_fits[key] = fit, scores[i].clone(), losses[i].clone(), ids[start:stop]
         return scores, losses
 
+    def _sample_columns(self, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """The groups' standardised columns of the sample and validation rows, in the groups' order."""
+        X = torch.cat([self._columns(b, layer, neurons, False) for b, layer, neurons in groups], 1).to(self.device)
+        X_val = torch.cat([self._columns(b, layer, neurons, True) for b, layer, neurons in groups], 1).to(self.device)
+        return X, X_val
+
     def _fit_columns(self, grams: _PrefixGrams, start: int, stop: int, strengths,
-                     ids: np.ndarray) -> tuple[ProbeFit, torch.Tensor]:
-        """L2 fit on the sample's columns start:stop (named by `ids`, see `_column_ids`) and its validation outputs
-        [1, S, n_val, C]; in the row space when the columns outnumber the rows. Warm-started from the fit of the
-        largest set of these columns fitted before (`_warm_start`)."""
+                     init: ProbeFit | None) -> tuple[ProbeFit, torch.Tensor]:
+        """L2 fit on the sample's columns start:stop and its validation outputs [1, S, n_val, C]; in the row space
+        when the columns outnumber the rows. `init`: a warm start on these columns (all strengths), or None."""
         X, X_val = grams.X[:, start:stop], grams.X_val[:, start:stop]
-        init, space = self._warm_start(ids), None
+        space = None
         if X.shape[1] > X.shape[0]:
             gram, cross_gram = grams.get(start, stop)
             space = RowSpace.build(X, gram)
@@ -665,6 +673,7 @@ class SelectionSearch:
             partial = self._pool_candidates([search._partial_exit_candidates(chosen) for search in searches])
             candidates += partial
             chosen = self._choose_depth(depth_candidates + partial, best)
+        chosen = self._extend_strengths(chosen, candidates)
         seconds["integration"] = time.perf_counter() - started - seconds["layer_probes"]
 
         result = self._package(chosen, *self._fit_all_rows(chosen, probes, stats))
@@ -709,6 +718,52 @@ class SelectionSearch:
         layer_sets = [(prefix.layers, "mlp")]
         scores, losses = self._integrate(prefix.blocks, prefix.eta, layer_sets, groups)
         return self._candidates(prefix.blocks, prefix.eta, layer_sets, scores, losses, groups)
+
+    def _extend_strengths(self, chosen: Candidate, candidates: list[Candidate]) -> Candidate:
+        """Stage 4: while the chosen L2 strength is the weakest (strongest) of the strengths tried, its layer set is
+        fitted at 0.3x and 0.1x (3x and 10x) that strength, at most `_STRENGTH_EXTENSIONS` times; a new strength
+        replaces the choice when it scores higher, or as high at a lower validation loss. A grid of one strength is
+        taken as given. The new candidates join `candidates`."""
+        tried = set(self.settings.final_strengths)
+        if len(tried) < 2:
+            return chosen
+        for _ in range(_STRENGTH_EXTENSIONS):
+            if chosen.strength == min(tried):
+                factors = (0.3, 0.1)
+            elif chosen.strength == max(tried):
+                factors = (3.0, 10.0)
+            else:
+                break
+            strengths = tuple(float(f"{chosen.strength * factor:.6g}") for factor in factors)  # 0.03, not 0.030..06
+            tried.update(strengths)
+            found = self._pool_candidates([search._strength_candidates(chosen, strengths) for search in self.searches])
+            candidates += found
+            better = [c for c in found if (c.score, -c.loss) > (chosen.score, -chosen.loss)]
+            if not better:
+                break
+            chosen = max(better, key=lambda c: (c.score, -c.loss))
+        return chosen
+
+    def _strength_candidates(self, chosen: Candidate, strengths: tuple[float, ...]) -> list[Candidate]:
+        """The chosen candidate's layer set fitted on the sample at other L2 strengths, warm-started from its fit at
+        the chosen strength. None where this search never fitted that set (a cross-validation fold without it)."""
+        start = self._sample_fit(chosen)
+        if start is None:
+            return []
+        groups = self._groups(chosen.blocks, chosen.eta, self.probes, chosen.layers, chosen.exit_at)
+        X, X_val = self._sample_columns(groups)
+        init = ProbeFit(start.weight.expand(-1, len(strengths), -1, -1).clone(),
+                        start.bias.expand(-1, len(strengths), -1).clone(), 0,
+                        start.converged.expand(-1, len(strengths)).clone())
+        fit, outputs = self._fit_columns(_PrefixGrams(X, X_val), 0, X.shape[1], torch.tensor(strengths), init)
+        score, loss = self._judge(outputs)
+        found = []
+        for s, strength in enumerate(strengths):
+            candidate = replace(chosen, strength=strength, score=float(score[0, s]), loss=float(loss[0, s]))
+            self._extension_fits[candidate.key] = ProbeFit(fit.weight[:, s : s + 1], fit.bias[:, s : s + 1],
+                                                           fit.n_iter, fit.converged[:, s : s + 1])
+            found.append(candidate)
+        return found
 
     # -- cross-validation ----------------------------------------------------------------------------------------
 
@@ -842,6 +897,8 @@ class SelectionSearch:
 
     def _sample_fit(self, candidate: Candidate) -> ProbeFit | None:
         """The candidate's fit on the search sample (same columns and strength), a warm start for its refit."""
+        if candidate.key in self._extension_fits:
+            return self._extension_fits[candidate.key]
         fit = self._sample_fits.get(candidate.key[:-1], (None,))[0]  # fits are kept per key without the strength
         if fit is None:
             return None
@@ -889,7 +946,7 @@ class _Fold(SelectionSearch):
         self.y_sample = search.y_sample[self.positions[False]]
         self.y_validation = search.y_sample[self.positions[True]]
         self.folds, self.sample_blocks, self.validation_blocks = [], {}, {}
-        self._sample_fits, self._all_rows_fits, self.probes = {}, {}, {}
+        self._sample_fits, self._extension_fits, self._all_rows_fits, self.probes = {}, {}, {}, {}
 
     def _block(self, stats, block, validation: bool) -> torch.Tensor:
         return self.search._block(stats, block, False).index_select(1, self.positions[validation])

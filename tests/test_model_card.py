@@ -52,6 +52,7 @@ def test_card_body(model):
     assert "Base probe" in text and "+0.0700" in text
     assert f"]({PLOT_NAME})" in text
     assert "`class_0`, `class_1`" in text and "| Training examples | 8000 |" in text
+    assert "| Head L2 strength | 0.01 |" in text  # the final classifier's penalty, chosen on validation
     num_features = len(model.feature_names())
     assert f"It reads {num_features} of {2 * 2 * (32 + 37)} neurons" in text and "after layer 1 of 0-2" in text
     # per-layer table rows add up to the features the head reads

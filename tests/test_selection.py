@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from stc_transformers.selection import (
     block_statistics,
 )
 from stc_transformers.features_stc import steady_features
-from stc_transformers.probes import RowSpace, fit_linear_probes, predict_probes, probe_objective
+from stc_transformers.probes import ProbeFit, RowSpace, fit_linear_probes, predict_probes, probe_objective
 
 
 def make_cache(tmp_path, num_texts=300, offset=0.0, seed=0) -> tuple[FeatureCache, dict]:
@@ -429,3 +431,75 @@ def test_nested_column_sets_start_from_the_largest_set_inside_them_fitted_before
     objective = {name: probe_objective(X[0.99][None].double(), search.y_sample, "single_label_classification", fit,
                                        strengths, penalty="l2") for name, fit in (("warm", warm), ("cold", cold))}
     assert (objective["warm"] - objective["cold"] <= 1e-3 * objective["cold"]).all()
+
+
+@pytest.mark.parametrize("grid, peak, expected, rounds", [
+    ((1.0, 10.0), 0.05, 0.03, 2),  # weak edge: 0.3, 0.1 (edge again), then 0.03 (interior), 0.01
+    ((0.1, 1.0), 50.0, 30.0, 2),  # strong edge: 3, 10, then 30, 100
+    ((1.0, 10.0), 1e-9, 0.001, 3),  # at most three extensions
+    ((0.1, 1.0, 10.0), 1.0, 1.0, 0),  # interior: nothing to extend
+])
+def test_l2_strengths_are_extended_beyond_the_edge_until_the_choice_is_interior(monkeypatch, grid, peak, expected,
+                                                                               rounds):
+    search = depth_search()
+    search.settings = SearchSettings(final_strengths=grid)
+    score = lambda strength: 1 - abs(np.log10(strength / peak)) / 20  # noqa: E731
+    asked = []
+
+    def strength_candidates(self, chosen, strengths):
+        asked.append(strengths)
+        return [Candidate(chosen.blocks, chosen.eta, chosen.layers, s, score(s), chosen.num_features, 0.5)
+                for s in strengths]
+
+    monkeypatch.setattr(SelectionSearch, "_strength_candidates", strength_candidates)
+    best = min(grid, key=lambda s: -score(s))
+    chosen = Candidate((("hidden", "mean"),), 0.9, (0, 1), best, score(best), 10, 0.5)
+    candidates = []
+    result = search._extend_strengths(chosen, candidates)
+    assert result.strength == pytest.approx(expected) and len(asked) == rounds
+    assert [c.strength for c in candidates] == [s for strengths in asked for s in strengths]
+    assert all(s == float(f"{s:.6g}") for strengths in asked for s in strengths)  # 0.03, not 0.030000000000000006
+
+
+def test_l2_extension_needs_a_higher_score_or_an_equal_one_at_a_lower_loss(monkeypatch):
+    search = depth_search()
+    search.settings = SearchSettings(final_strengths=(1.0, 10.0))
+    chosen = Candidate((("hidden", "mean"),), 0.9, (0, 1), 1.0, 0.8, 10, 0.5)
+    for found, expected in (([0.8, 0.8], 1.0), ([0.79, 0.8], 1.0), ([0.8, 0.8 - 1e-9], 1.0)):
+        losses = iter([0.5, 0.5])
+        monkeypatch.setattr(SelectionSearch, "_strength_candidates", lambda self, c, strengths: [
+            replace(c, strength=s, score=v, loss=next(losses)) for s, v in zip(strengths, found)])
+        assert search._extend_strengths(chosen, []).strength == expected
+    monkeypatch.setattr(SelectionSearch, "_strength_candidates", lambda self, c, strengths: [
+        replace(c, strength=strengths[0], loss=0.4), replace(c, strength=strengths[1], loss=0.45)])
+    assert search._extend_strengths(chosen, []).strength == pytest.approx(0.3)  # same score, lower loss: interior
+    assert search._extend_strengths(replace(chosen, strength=5.0), []).strength == 5.0  # not an edge of the grid
+    search.settings = SearchSettings(final_strengths=(1.0,))
+    assert search._extend_strengths(chosen, []).strength == 1.0  # a grid of one strength is taken as given
+
+
+@pytest.mark.parametrize("cv", [False, True])
+def test_a_search_at_the_weak_edge_refits_at_the_extended_strength(tmp_path, cv):
+    """Validation rows that are the training rows reward ever weaker penalties: the grid (30, 100) is extended three
+    times, to 0.03, and the packaged head is the all-rows L2 fit at 0.03. With cross-validation folds every fold fits
+    the new strengths too."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][2, :, 0] - 1 + arrays[("hidden", "mean")][2, :, 1] / 4 > 0).astype(int)
+    validation = FeatureCache(tmp_path, {"num_texts": 40 if cv else 300, "blocks": cache.meta["blocks"]})
+    search = SelectionSearch(cache, validation, y, y[: validation.num_texts], "single_label_classification", 2,
+                             SearchSettings(progress=False, final_strengths=(30.0, 100.0)))
+    result = search.run()
+    same = sorted(c.strength for c in result.candidates if c.key[:-1] == result.best.key[:-1])
+    assert same == [0.03, 0.09, 0.3, 0.9, 3.0, 9.0, 30.0, 100.0] and result.best.strength == 0.03
+    assert len(search.folds) == (5 if cv else 0)
+    for fold in search.folds:
+        assert {key[-1] for key in fold._extension_fits} == {0.03, 0.09, 0.3, 0.9, 3.0, 9.0}
+    columns = [arrays[(g["source"], g["pooling"])][g["layer"]][:, g["neurons"]] for g in result.selection]
+    X = ((torch.from_numpy(np.concatenate(columns, 1)) - result.mean) / result.scale)[None].double()
+    head = ProbeFit(result.weight.T[None, None].double(), result.bias[None, None].double(), 0, None)
+    strength = torch.tensor([0.03])
+    cold = fit_linear_probes(X.float(), torch.from_numpy(y), "single_label_classification", strength, penalty="l2",
+                             max_iter=5000, tol=1e-9)
+    objective = {name: probe_objective(X, torch.from_numpy(y), "single_label_classification", fit, strength,
+                                       penalty="l2") for name, fit in (("head", head), ("cold", cold))}
+    assert (objective["head"] - objective["cold"] <= 1e-4 * objective["cold"]).all()
