@@ -21,7 +21,7 @@ Search, for each problem type:
    the validation noise (see `_choose_depth`). A chosen prefix whose exit layer has MLP and other neurons is also
    fitted without the others: within the tolerance, the backbone stops at that layer's MLP down-projection;
 4. while the chosen L2 strength sits at an edge of its grid, fit the chosen layer set at two strengths beyond that
-   edge (`_extend_strengths`): one of them is chosen when it scores higher, or as high at a lower validation loss;
+   edge (`_extend_strengths`): one of them is chosen when it scores higher;
 5. refit the winner on all training rows.
 
 Validation sets of fewer than `cv_below` rows decide by chance between candidates a few texts apart. Then
@@ -721,9 +721,11 @@ class SelectionSearch:
 
     def _extend_strengths(self, chosen: Candidate, candidates: list[Candidate]) -> Candidate:
         """Stage 4: while the chosen L2 strength is the weakest (strongest) of the strengths tried, its layer set is
-        fitted at 0.3x and 0.1x (3x and 10x) that strength, at most `_STRENGTH_EXTENSIONS` times; a new strength
-        replaces the choice when it scores higher, or as high at a lower validation loss. A grid of one strength is
-        taken as given. The new candidates join `candidates`."""
+        fitted at 0.3x and 0.1x (3x and 10x) that strength, at most `_STRENGTH_EXTENSIONS` times; the best new
+        strength replaces the choice only when it scores higher, as within the grid (`_choose_depth` compares a
+        layer set's strengths by score): a validation set that the edge strength already nearly saturates ties the
+        new ones, and a tie is no evidence of a better penalty beyond the edge (measured in the README). A grid of one
+        strength is taken as given. The new candidates join `candidates`."""
         tried = set(self.settings.final_strengths)
         if len(tried) < 2:
             return chosen
@@ -738,7 +740,7 @@ class SelectionSearch:
             tried.update(strengths)
             found = self._pool_candidates([search._strength_candidates(chosen, strengths) for search in self.searches])
             candidates += found
-            better = [c for c in found if (c.score, -c.loss) > (chosen.score, -chosen.loss)]
+            better = [c for c in found if c.score > chosen.score]
             if not better:
                 break
             chosen = max(better, key=lambda c: (c.score, -c.loss))

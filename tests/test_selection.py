@@ -461,18 +461,21 @@ def test_l2_strengths_are_extended_beyond_the_edge_until_the_choice_is_interior(
     assert all(s == float(f"{s:.6g}") for strengths in asked for s in strengths)  # 0.03, not 0.030000000000000006
 
 
-def test_l2_extension_needs_a_higher_score_or_an_equal_one_at_a_lower_loss(monkeypatch):
+def test_l2_extension_needs_a_higher_validation_score(monkeypatch):
+    """A tie (even at a lower validation loss) keeps the edge strength; of two higher scores the best wins, and of
+    equal ones the lower loss."""
     search = depth_search()
     search.settings = SearchSettings(final_strengths=(1.0, 10.0))
     chosen = Candidate((("hidden", "mean"),), 0.9, (0, 1), 1.0, 0.8, 10, 0.5)
-    for found, expected in (([0.8, 0.8], 1.0), ([0.79, 0.8], 1.0), ([0.8, 0.8 - 1e-9], 1.0)):
-        losses = iter([0.5, 0.5])
-        monkeypatch.setattr(SelectionSearch, "_strength_candidates", lambda self, c, strengths: [
-            replace(c, strength=s, score=v, loss=next(losses)) for s, v in zip(strengths, found)])
-        assert search._extend_strengths(chosen, []).strength == expected
-    monkeypatch.setattr(SelectionSearch, "_strength_candidates", lambda self, c, strengths: [
-        replace(c, strength=strengths[0], loss=0.4), replace(c, strength=strengths[1], loss=0.45)])
-    assert search._extend_strengths(chosen, []).strength == pytest.approx(0.3)  # same score, lower loss: interior
+    for scores, losses, expected in (([0.8, 0.8], [0.4, 0.3], 1.0), ([0.79, 0.8], [0.4, 0.4], 1.0),
+                                     ([0.85, 0.81], [0.4, 0.3], 0.3), ([0.81, 0.81], [0.4, 0.3], 0.1)):
+        def strength_candidates(self, c, strengths, scores=scores, losses=losses):
+            if min(strengths) < 0.1:  # a second round (from 0.1): nothing better
+                return [replace(c, strength=s, score=0.0) for s in strengths]
+            return [replace(c, strength=s, score=v, loss=loss) for s, v, loss in zip(strengths, scores, losses)]
+
+        monkeypatch.setattr(SelectionSearch, "_strength_candidates", strength_candidates)
+        assert search._extend_strengths(chosen, []).strength == pytest.approx(expected)
     assert search._extend_strengths(replace(chosen, strength=5.0), []).strength == 5.0  # not an edge of the grid
     search.settings = SearchSettings(final_strengths=(1.0,))
     assert search._extend_strengths(chosen, []).strength == 1.0  # a grid of one strength is taken as given
