@@ -25,7 +25,7 @@ Search, for each problem type:
 5. refit the winner on all training rows.
 
 Validation sets of fewer than `cv_below` rows decide by chance between candidates a few texts apart. Then
-`cv_folds` folds of the search sample join them (`_Fold`): each fold runs stages 1-3 on the other folds' rows and
+`cv_folds` folds of the search sample join them (`_Fold`): each fold runs stages 1-4 on the other folds' rows and
 scores its own, every choice (each layer's L1 strength, the family and eta, the depth and L2 strength) is taken on
 the scores of the validation rows and the held-out rows together, weighted by rows, and the all-rows finalists of
 stage 2 are left out (README: +0.5 to +3.8 points of test accuracy with 1,000 to 64 training texts, +0.6 with
