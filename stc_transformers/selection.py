@@ -748,7 +748,7 @@ class SelectionSearch:
 
     def _strength_candidates(self, chosen: Candidate, strengths: tuple[float, ...]) -> list[Candidate]:
         """The chosen candidate's layer set fitted on the sample at other L2 strengths, warm-started from its fit at
-        the chosen strength. None where this search never fitted that set (a cross-validation fold without it)."""
+        the chosen strength; none where this search never fitted that set (a cross-validation fold without it)."""
         start = self._sample_fit(chosen)
         if start is None:
             return []
