@@ -174,6 +174,11 @@ _CHUNK_BYTES = 1 << 28  # most bytes of a chunk of rows read into memory at once
 _STRENGTH_EXTENSIONS = 3  # at most 3 extensions of the L2 grid beyond an edge (each two strengths, down to 0.001x)
 
 
+def _at_strength(fit: ProbeFit, s: int) -> ProbeFit:
+    """The fit of the `s`-th strength alone (views of `fit`'s tensors)."""
+    return ProbeFit(fit.weight[:, s : s + 1], fit.bias[:, s : s + 1], fit.n_iter, fit.converged[:, s : s + 1])
+
+
 def block_statistics(cache: FeatureCache, chunk_rows: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
     """Per block, mean and scale `[layers, dim]` over all rows (zero variance -> scale 1).
 
@@ -762,8 +767,7 @@ class SelectionSearch:
         found = []
         for s, strength in enumerate(strengths):
             candidate = replace(chosen, strength=strength, score=float(score[0, s]), loss=float(loss[0, s]))
-            self._extension_fits[candidate.key] = ProbeFit(fit.weight[:, s : s + 1], fit.bias[:, s : s + 1],
-                                                           fit.n_iter, fit.converged[:, s : s + 1])
+            self._extension_fits[candidate.key] = _at_strength(fit, s)
             found.append(candidate)
         return found
 
@@ -905,7 +909,7 @@ class SelectionSearch:
         if fit is None:
             return None
         s = self.settings.final_strengths.index(candidate.strength)
-        return ProbeFit(fit.weight[:, s : s + 1], fit.bias[:, s : s + 1], fit.n_iter, fit.converged[:, s : s + 1])
+        return _at_strength(fit, s)
 
     def _package(self, chosen: Candidate, groups, matrix: FeatureMatrix, fit, outputs) -> SelectionResult:
         """The chosen candidate's head, ready for `set_selection`."""
