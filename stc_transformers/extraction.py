@@ -4,8 +4,10 @@ The pass calls the model's own `pooled_features` on a dense (unfitted) STC model
 features come from the same capture and pooling code. For every (source, pooling) the cache holds one float32
 array `[num_layers, num_texts, dim]` on disk (`<source>_<pooling>.npy`, opened with `numpy.load(mmap_mode=...)`),
 so peak memory does not grow with the dataset. Texts run longest first in length-sorted batches; progress is
-committed atomically every few batches (the disk writes in a background thread, overlapping the next batches), so
-an interrupted pass resumes where it stopped and never leaves a cache that looks complete but is not.
+committed atomically every few seconds, so an interrupted pass resumes where it stopped and never leaves a cache that
+looks complete but is not. A commit records rows that are in the kernel's page cache, which outlives the process;
+only every few minutes and at the end are the rows forced to disk (`os.fsync`, which on a busy CPU costs more than
+the rest of the writing), and after a reboot a pass resumes from the last rows on disk (see `_commit`).
 
 Several processes (`accelerate launch`, `torchrun`) can share one pass: `extract_features(..., accelerator=state)`
 gives each process every `num_processes`-th pending batch; each writes its rows straight into the shared memory-mapped
@@ -23,7 +25,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 import unicodedata
 import warnings
@@ -40,7 +41,8 @@ from .tokenization import LengthSortedBatches
 
 
 CACHE_VERSION = 3  # 3: means pooled by a batched product (`features_stc.pool`), other rounding
-COMMIT_SECONDS = 10.0  # default interval between commits (disk writes in the background, `_BackgroundCommit`)
+COMMIT_SECONDS = 10.0  # default interval between commits (progress in meta.json)
+DURABLE_SECONDS = 300.0  # interval between commits that also force the rows to disk (and at the end of a pass)
 PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
 
 
@@ -246,6 +248,8 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
     if meta_file.exists():
         stored = json.loads(meta_file.read_text())
         if stored.get("fingerprint") == meta["fingerprint"] and stored.get("version") == CACHE_VERSION:
+            if stored.get("boot_id") != boot_id():  # rebooted since: rows only in the page cache may be lost
+                stored["batches_done"] = stored.get("batches_durable", stored["batches_done"])
             return FeatureCache(path, stored)
     path.mkdir(parents=True, exist_ok=True)
     (path / PROGRESS_FILE).unlink(missing_ok=True)  # progress of an older, different pass
@@ -277,8 +281,7 @@ def extract_features(
 
     `model` must be a dense STC model (before any fit). A cache with the same fingerprint (model weights, the
     texts' token ids, padding, batching) is reused; an unfinished one resumes at the first uncommitted batch.
-    Progress is committed (written to disk, in the background) every `commit_every` batches, by default every
-    `COMMIT_SECONDS` (10) seconds of work.
+    Progress is committed every `commit_every` batches, by default every `COMMIT_SECONDS` (10) seconds of work.
 
     `accelerator`: an `accelerate.Accelerator` or `PartialState` (see `distributed_state()`). With more than one
     process, every process must call this with the same model weights, texts and `cache_dir`, its model on its own
@@ -322,6 +325,8 @@ def extract_features(
         "blocks": blocks,
         "num_batches": len(batches),
         "batches_done": 0,
+        "batches_durable": 0,
+        "boot_id": boot_id(),
         "seconds": 0.0,
         "tokens": int(batches.lengths.sum()),
     }
@@ -362,21 +367,17 @@ def extract_features(
         with eval_mode(model):
             return _extract_shard(accelerator, cache, arrays, write_batch, commit_every=commit_every,
                                   progress=progress, description=description)
-    started, pending = time.perf_counter(), None
+    started = last_durable = time.perf_counter()
     with eval_mode(model), tqdm(total=len(batches), initial=cache.meta["batches_done"], desc=description,
                                 disable=not progress, unit="batch") as bar:
-        try:
-            for number in range(cache.meta["batches_done"], len(batches)):
-                write_batch(number)
-                bar.update(1)
-                if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
-                    if pending is not None:
-                        pending.wait()
-                    seconds, started = time.perf_counter() - started, time.perf_counter()
-                    pending = _BackgroundCommit(cache, arrays, number + 1, seconds)  # overlaps the next batches
-        finally:
-            if pending is not None:  # the last commit; an interrupted pass still records the batches before it
-                pending.wait(reraise=sys.exc_info()[0] is None)
+        for number in range(cache.meta["batches_done"], len(batches)):
+            write_batch(number)
+            bar.update(1)
+            if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
+                now = time.perf_counter()
+                durable = number + 1 == len(batches) or now - last_durable >= DURABLE_SECONDS
+                _commit(cache, arrays, number + 1, now - started, durable)
+                started, last_durable = now, now if durable else last_durable
     return cache
 
 
@@ -387,46 +388,41 @@ def _commit_due(batches_done: int, last_commit: float, commit_every: int | None)
     return time.perf_counter() - last_commit >= COMMIT_SECONDS
 
 
-def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
-    """Write the arrays to disk, then record progress: a crash before this point redoes the batches."""
-    for array in arrays.values():
-        _write_to_disk(array)
+def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float, durable: bool):
+    """Record progress: the rows of the first `batches_done` batches are in the arrays. A crash before this point
+    redoes the batches.
+
+    The rows are in the kernel's page cache, which a crash of the process does not lose; a reboot may, so a commit
+    records the boot it happened in, and a pass resumed after another boot starts after the last durable commit,
+    whose rows were written to disk first. Where the boot cannot be told (not Linux), every commit is durable."""
+    if durable or boot_id() is None:
+        for array in arrays.values():
+            _write_to_disk(array)
+        cache.meta["batches_durable"] = batches_done
     cache.meta["batches_done"] = batches_done
+    cache.meta["boot_id"] = boot_id()
     cache.meta["seconds"] += seconds
     cache.save_meta()
     if cache.complete:
         (cache.path / PROGRESS_FILE).unlink(missing_ok=True)  # left by an interrupted multi-process pass
 
 
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where it cannot be told."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def _write_to_disk(array: np.memmap):
     """Write a memory-mapped array's changed pages to disk. On Linux a file's mapped pages are its page cache and
-    `os.fsync` writes them while other threads run; `mmap.flush` (msync) holds the interpreter lock throughout."""
+    `os.fsync` writes them; `mmap.flush` (msync) holds the interpreter lock throughout."""
     if not sys.platform.startswith("linux"):
         array.flush()
         return
     with open(array.filename, "rb") as file:
         os.fsync(file.fileno())
-
-
-class _BackgroundCommit:
-    """A `_commit` in a thread, so that its disk writes overlap the next batches; `wait()` before the next commit.
-    Only this thread touches the cache's meta until then."""
-
-    def __init__(self, cache: FeatureCache, arrays: dict, batches_done: int, seconds: float):
-        self.error = None
-        self.thread = threading.Thread(target=self._run, args=(cache, arrays, batches_done, seconds), daemon=True)
-        self.thread.start()
-
-    def _run(self, *args):
-        try:
-            _commit(*args)
-        except BaseException as error:  # raised in the caller's thread by `wait`
-            self.error = error
-
-    def wait(self, reraise: bool = True):
-        self.thread.join()
-        if self.error is not None and reraise:
-            raise self.error
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -525,7 +521,8 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
         if len(missing):
             raise RuntimeError(f"Batches {missing[:10].tolist()} were not extracted by any process.")
         del flags
-        cache.meta["batches_done"] = cache.meta["num_batches"]
+        cache.meta["batches_done"] = cache.meta["batches_durable"] = cache.meta["num_batches"]  # every commit synced
+        cache.meta["boot_id"] = boot_id()
         cache.meta["seconds"] += time.perf_counter() - started
         cache.save_meta()
         (cache.path / PROGRESS_FILE).unlink(missing_ok=True)

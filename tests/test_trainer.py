@@ -580,9 +580,9 @@ def test_extraction_commits_by_time_by_default(tmp_path, monkeypatch):
     assert meta["batches_done"] == 3
 
 
-def test_a_failed_background_commit_stops_the_pass_and_the_cache_resumes(tmp_path, monkeypatch):
-    """Commits write to disk in a background thread: its error (e.g. a full disk) is raised in the caller, the
-    progress stays at the last commit that finished, and the pass resumes from there to the same cache."""
+def test_a_failed_commit_stops_the_pass_and_the_cache_resumes(tmp_path, monkeypatch):
+    """A commit's error (e.g. a full disk) stops the pass, the progress stays at the last commit that finished, and
+    the pass resumes from there to the same cache."""
     from stc_transformers import extraction
 
     model = STCModelTester().model("bert")
@@ -590,10 +590,10 @@ def test_a_failed_background_commit_stops_the_pass_and_the_cache_resumes(tmp_pat
     reference = extract_features(model, tokenizer, texts, tmp_path / "ref", batch_size=4, progress=False)
     commit = extraction._commit
 
-    def failing(cache, arrays, batches_done, seconds):
+    def failing(cache, arrays, batches_done, seconds, durable):
         if batches_done == 3:
             raise OSError(28, "No space left on device")
-        commit(cache, arrays, batches_done, seconds)
+        commit(cache, arrays, batches_done, seconds, durable)
 
     monkeypatch.setattr(extraction, "COMMIT_SECONDS", 0.0)  # every batch is due
     monkeypatch.setattr(extraction, "_commit", failing)
@@ -603,6 +603,57 @@ def test_a_failed_background_commit_stops_the_pass_and_the_cache_resumes(tmp_pat
     monkeypatch.setattr(extraction, "_commit", commit)
     resumed = extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False)
     assert resumed.complete
+    for block in reference.blocks:
+        np.testing.assert_array_equal(resumed.array(*block), reference.array(*block))
+
+
+def test_commits_force_rows_to_disk_only_now_and_then_and_a_reboot_resumes_from_the_last_forced(tmp_path,
+                                                                                                monkeypatch):
+    """Commits record rows in the page cache, which a crashed process does not lose; every DURABLE_SECONDS and at
+    the end they are forced to disk first. After a reboot (another boot id) an unfinished pass resumes after the
+    last durable commit, and finishes to the same cache."""
+    from stc_transformers import extraction
+
+    if extraction.boot_id() is None:
+        pytest.skip("the boot id is read on Linux; elsewhere every commit is durable")
+    model = STCModelTester().model("bert")
+    tokenizer, (texts, _) = make_tiny_tokenizer(), synthetic_texts(40)
+    reference = extract_features(model, tokenizer, texts, tmp_path / "ref", batch_size=4, progress=False)
+    assert json.loads(next((tmp_path / "ref").glob("*/meta.json")).read_text())["batches_durable"] == 10
+    synced, clock = [], {"now": 0.0}
+    monkeypatch.setattr(extraction, "_write_to_disk", lambda array: synced.append(array.filename))
+    monkeypatch.setattr(extraction.time, "perf_counter", lambda: clock["now"])
+    original = type(model).pooled_features
+
+    def slow_then_crash(self, *args, **kwargs):  # each batch takes 100 s; the 8th crashes
+        clock["now"] += 100.0
+        if clock["now"] >= 800.0:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "pooled_features", slow_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False)
+    meta_file = next((tmp_path / "run").glob("*/meta.json"))
+    meta = json.loads(meta_file.read_text())
+    # a commit after every batch (10 s apart), forced to disk after the 3rd and the 6th (300 s apart)
+    assert (meta["batches_done"], meta["batches_durable"], meta["boot_id"]) == (7, 6, extraction.boot_id())
+    assert len(synced) == 2 * len(reference.blocks)
+    monkeypatch.setattr(type(model), "pooled_features", original)
+    monkeypatch.undo()  # the real clock and disk writes
+
+    meta["boot_id"] = "another boot"
+    meta_file.write_text(json.dumps(meta))
+    calls = {"n": 0}
+    counting = type(model).pooled_features
+
+    def count(self, *args, **kwargs):
+        calls["n"] += 1
+        return counting(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "pooled_features", count)
+    resumed = extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False)
+    assert calls["n"] == 4 and resumed.complete  # batches 7-10: the 7th was only in the lost page cache
     for block in reference.blocks:
         np.testing.assert_array_equal(resumed.array(*block), reference.array(*block))
 
