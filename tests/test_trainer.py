@@ -658,6 +658,19 @@ def test_commits_force_rows_to_disk_only_now_and_then_and_a_reboot_resumes_from_
         np.testing.assert_array_equal(resumed.array(*block), reference.array(*block))
 
 
+def test_every_commit_syncs_where_the_boot_cannot_be_told(tmp_path, monkeypatch):
+    from stc_transformers import extraction
+
+    model = STCModelTester().model("bert")
+    synced = []
+    monkeypatch.setattr(extraction, "boot_id", lambda: None)
+    monkeypatch.setattr(extraction, "_write_to_disk", lambda array: synced.append(array.filename))
+    cache = extract_features(model, make_tiny_tokenizer(), synthetic_texts(20)[0], tmp_path, batch_size=4,
+                             commit_every=1, progress=False)
+    assert cache.meta["batches_durable"] == cache.meta["batches_done"] == 5
+    assert len(synced) == 5 * len(cache.blocks)
+
+
 def test_cache_depends_on_weights_dtype_and_tokens(tmp_path):
     """Any change of what the backbone computes or reads makes a new cache: all weights, a few rows of an
     embedding far from its start, a cast to another dtype, another truncation side or max_length, autocast."""
