@@ -248,9 +248,14 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
     if meta_file.exists():
         stored = json.loads(meta_file.read_text())
         if stored.get("fingerprint") == meta["fingerprint"] and stored.get("version") == CACHE_VERSION:
-            if stored.get("boot_id") != boot_id():  # rebooted since: rows only in the page cache may be lost
+            cache = FeatureCache(path, stored)
+            if not cache.complete and stored.get("boot_id") != boot_id():
+                # rebooted since: rows only in the page cache may be lost. Saved, so that every process of a
+                # multi-process pass resumes from the same batch.
                 stored["batches_done"] = stored.get("batches_durable", stored["batches_done"])
-            return FeatureCache(path, stored)
+                stored["boot_id"] = boot_id()
+                cache.save_meta()
+            return cache
     path.mkdir(parents=True, exist_ok=True)
     (path / PROGRESS_FILE).unlink(missing_ok=True)  # progress of an older, different pass
     for block in meta["blocks"]:

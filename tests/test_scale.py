@@ -451,3 +451,40 @@ def test_cli_fit_under_accelerate_launch(launched):
     loaded = AutoModelForSequenceClassification.from_pretrained(work / "cli_out")
     assert loaded.config.selection and metrics["num_features"] == loaded.config.num_selected_features
     assert not (work / "cli_out" / "feature_cache").exists()
+
+
+def test_processes_resume_a_pass_interrupted_before_a_reboot_from_its_last_durable_commit(tmp_path, monkeypatch):
+    """A single-process pass committed 7 of 12 batches, 6 of them synced to disk, then the machine rebooted: two
+    processes resuming it agree to redo the batches from the 7th (the main process saves the rewound progress
+    before the others read it) and finish to the same cache."""
+    from stc_transformers import extraction
+
+    if extraction.boot_id() is None:
+        pytest.skip("the boot id is read on Linux; elsewhere every commit is durable")
+    tester, texts = STCModelTester(), synthetic_texts(45, seed=4)[0]
+    reference = extract_features(tester.model("llama"), make_tiny_tokenizer(), texts, tmp_path / "ref",
+                                 batch_size=4, progress=False)
+    models, tokenizers = [tester.model("llama") for _ in range(2)], [make_tiny_tokenizer() for _ in range(2)]
+    extract_features(models[0], tokenizers[0], texts, tmp_path / "run", batch_size=4, progress=False)
+    (meta_file,) = (tmp_path / "run").glob("*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    meta.update(batches_done=7, batches_durable=6, boot_id="another boot")
+    meta_file.write_text(json.dumps(meta))
+    calls = {id(m): 0 for m in models}
+    original = type(models[0]).pooled_features
+
+    def counting(self, *args, **kwargs):
+        calls[id(self)] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(models[0]), "pooled_features", counting)
+    results = []
+    assert run_ranks(2, lambda state: results.append(extract_features(
+        models[state.process_index], tokenizers[state.process_index], texts, tmp_path / "run", batch_size=4,
+        progress=False, accelerator=state))) == [None] * 2
+    assert sum(calls.values()) == 12 - 6 and all(calls.values())
+    for cache in results:
+        assert cache.complete
+        for block in reference.blocks:
+            np.testing.assert_array_equal(cache.array(*block), reference.array(*block))
+

@@ -654,6 +654,7 @@ def test_commits_force_rows_to_disk_only_now_and_then_and_a_reboot_resumes_from_
     monkeypatch.setattr(type(model), "pooled_features", count)
     resumed = extract_features(model, tokenizer, texts, tmp_path / "run", batch_size=4, progress=False)
     assert calls["n"] == 4 and resumed.complete  # batches 7-10: the 7th was only in the lost page cache
+    assert json.loads(meta_file.read_text())["boot_id"] == extraction.boot_id()
     for block in reference.blocks:
         np.testing.assert_array_equal(resumed.array(*block), reference.array(*block))
 
