@@ -20,6 +20,7 @@ sum in an order that depends on it).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -382,7 +383,9 @@ def extract_features(
                 now = time.perf_counter()
                 durable = number + 1 == len(batches) or now - last_durable >= DURABLE_SECONDS
                 _commit(cache, arrays, number + 1, now - started, durable)
-                started, last_durable = now, now if durable else last_durable
+                started = now
+                if durable:
+                    last_durable = now
     return cache
 
 
@@ -412,8 +415,9 @@ def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float
         (cache.path / PROGRESS_FILE).unlink(missing_ok=True)  # left by an interrupted multi-process pass
 
 
+@functools.cache
 def boot_id() -> str | None:
-    """This boot of the machine (Linux), or None where it cannot be told."""
+    """This boot of the machine (Linux), or None where it cannot be told; read once per process."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -526,11 +530,7 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
         if len(missing):
             raise RuntimeError(f"Batches {missing[:10].tolist()} were not extracted by any process.")
         del flags
-        cache.meta["batches_done"] = cache.meta["batches_durable"] = cache.meta["num_batches"]  # every commit synced
-        cache.meta["boot_id"] = boot_id()
-        cache.meta["seconds"] += time.perf_counter() - started
-        cache.save_meta()
-        (cache.path / PROGRESS_FILE).unlink(missing_ok=True)
+        _commit(cache, arrays, cache.meta["num_batches"], time.perf_counter() - started, durable=True)
     else:
         del flags
     state.wait_for_everyone()
