@@ -185,9 +185,10 @@ def test_block_grams_match_direct_products_of_families_and_growing_etas(tmp_path
     assert len(search.searches) == 1 + folds
 
 
-def test_all_layer_candidates_with_shared_grams_score_as_separate_fits(tmp_path):
+def test_all_layer_candidates_with_shared_grams_score_as_separate_fits(tmp_path, monkeypatch):
     """Stage 2 runs etas outermost to share Gram matrices, and returns its candidates family by family, each eta in
     the settings' order, scored as when every candidate is fitted on its own (12 sample rows: in the row space)."""
+    monkeypatch.setattr(selection, "_ROW_SPACE_WIDTH", 1)  # the row space from 13 columns on
     cache, arrays = make_cache(tmp_path)
     y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
     settings = SearchSettings(progress=False, cv_folds=0, search_samples=12, etas=(0.9, 0.5, 0.99))
@@ -396,10 +397,32 @@ def test_a_chosen_prefix_may_stop_at_its_exit_layers_mlp(tmp_path, monkeypatch):
     assert result.best.key in {c.key for c in result.candidates}
 
 
+def test_fits_up_to_twice_as_wide_as_the_sample_run_on_their_columns(tmp_path, monkeypatch):
+    """17 columns and 12 sample rows: no row space (its Gram matrix and factor would cost more than they save), and
+    the row space once the width limit is lowered below 17 / 12."""
+    cache, arrays = make_cache(tmp_path)
+    y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
+    search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
+                             SearchSettings(progress=False, cv_folds=0, search_samples=12))
+    search.layer_probes(block_statistics(cache, 4096))
+    family, layers = tuple(cache.blocks), (0, 1, 2)
+    groups = search._groups(family, 0.99, search.probes, layers)
+    assert sum(len(neurons) for *_, neurons in groups) == 17
+    built, build = [], RowSpace.build
+    monkeypatch.setattr(RowSpace, "build", lambda X, gram=None: built.append(X.shape) or build(X, gram))
+    scores, _ = search._integrate(family, 0.99, [(layers, "block")], groups)
+    assert built == [] and torch.isfinite(scores).all()
+    monkeypatch.setattr(selection, "_ROW_SPACE_WIDTH", 1)
+    search._sample_fits.clear()
+    search._integrate(family, 0.99, [(layers, "block")], groups)
+    assert built == [(12, 17)]
+
+
 @pytest.mark.parametrize("search_samples", [3000, 12])  # 12 rows: the larger set is fitted in the row space
 def test_nested_column_sets_start_from_the_largest_set_inside_them_fitted_before(tmp_path, monkeypatch, search_samples):
     """Growing etas (and prefixes) are nested column sets: an L2 fit starts at the logits of the largest set inside
     its own that was fitted before, and ends at the objective a cold start reaches."""
+    monkeypatch.setattr(selection, "_ROW_SPACE_WIDTH", 1)  # the row space from 13 columns on
     cache, arrays = make_cache(tmp_path)
     y = (arrays[("mlp", "max")][0, :, 0] - 1 + arrays[("hidden", "mean")][1, :, 1] / 4 > 0).astype(int)
     search = SelectionSearch(cache, cache, y, y, "single_label_classification", 2,
