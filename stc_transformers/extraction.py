@@ -44,7 +44,9 @@ from .tokenization import LengthSortedBatches
 CACHE_VERSION = 3  # 3: means pooled by a batched product (`features_stc.pool`), other rounding
 COMMIT_SECONDS = 10.0  # default interval between commits (progress in meta.json)
 DURABLE_SECONDS = 300.0  # interval between commits that also force the rows to disk (and at the end of a pass)
-PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 1 = its rows are on disk
+PROGRESS_FILE = "progress.npy"  # multi-process passes: one uint8 flag per batch, 0 = pending, and then:
+ON_DISK = 1  # its rows are on disk
+IN_PAGE_CACHE = 2  # its rows are in the page cache of the boot in meta.json (pending again after a reboot)
 
 
 def check_texts(texts) -> list:
@@ -255,6 +257,7 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
                 # multi-process pass resumes from the same batch.
                 stored["batches_done"] = stored.get("batches_durable", stored["batches_done"])
                 stored["boot_id"] = boot_id()
+                _forget_page_cache_batches(path / PROGRESS_FILE)
                 cache.save_meta()
             return cache
     path.mkdir(parents=True, exist_ok=True)
@@ -267,6 +270,15 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
     cache = FeatureCache(path, meta)
     cache.save_meta()
     return cache
+
+
+def _forget_page_cache_batches(progress_file: Path) -> None:
+    """After a reboot, the batches of a multi-process pass whose rows were only in the page cache are pending again."""
+    if progress_file.exists():
+        flags = np.load(progress_file, mmap_mode="r+")
+        flags[flags == IN_PAGE_CACHE] = 0
+        flags.flush()
+        del flags
 
 
 def extract_features(
@@ -500,28 +512,40 @@ def _open_cache_on_main(state, path: Path, meta: dict) -> FeatureCache:
 
 def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, commit_every: int | None, progress: bool,
                    description: str) -> FeatureCache:
-    """This process's share of the pending batches, then (main process) mark the cache complete."""
+    """This process's share of the pending batches, then (main process) mark the cache complete.
+
+    Progress is kept per batch in the progress file, by the rule of `_commit`: a commit marks its batches as in the
+    page cache (`IN_PAGE_CACHE`), and every `DURABLE_SECONDS` and at the end of the share the rows are forced to
+    disk and their batches marked `ON_DISK`. A pass opened after a reboot redoes the batches only in the page cache
+    (`_open_cache`)."""
     flags = np.load(cache.path / PROGRESS_FILE, mmap_mode="r+")
     done = np.array(flags, dtype=bool)
     done[: cache.meta["batches_done"]] = True  # the committed prefix of an interrupted single-process pass
     pending = np.flatnonzero(~done)
     state.wait_for_everyone()  # all processes split the same snapshot before any records progress
     mine = pending[state.process_index :: state.num_processes]
-    started = last_commit = time.perf_counter()
+    started = last_commit = last_durable = time.perf_counter()
     bar = tqdm(total=len(mine), desc=f"{description} [{state.num_processes} processes]",
                disable=not (progress and state.is_main_process), unit="batch")
     try:
-        finished = []
+        finished, cached = [], []  # batches since the last commit, and in the page cache since the last durable one
         for step, number in enumerate(mine):
             write_batch(int(number))
             finished.append(number)
             bar.update(1)
-            if step + 1 == len(mine) or _commit_due(step + 1, last_commit, commit_every):
-                for array in arrays.values():
-                    _write_to_disk(array)
-                flags[finished] = 1  # only after the rows are on disk
-                flags.flush()
-                finished, last_commit = [], time.perf_counter()
+            last = step + 1 == len(mine)
+            if last or _commit_due(step + 1, last_commit, commit_every):
+                now = time.perf_counter()
+                if last or now - last_durable >= DURABLE_SECONDS or boot_id() is None:  # as `_commit`
+                    for array in arrays.values():
+                        _write_to_disk(array)
+                    flags[cached + finished] = ON_DISK  # only after the rows are on disk
+                    flags.flush()
+                    cached, last_durable = [], now
+                else:
+                    flags[finished] = IN_PAGE_CACHE
+                    cached += finished
+                finished, last_commit = [], now
     finally:
         bar.close()
     state.wait_for_everyone()
