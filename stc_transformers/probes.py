@@ -80,10 +80,7 @@ _QUIET_LBFGS = 2  # L-BFGS steps shrink steadily near the optimum (no momentum r
 # groups at once, 4.0 s two at a time)
 _CACHE_BYTES = 48 << 20
 _BF16_REFRESH = 8  # bfloat16 mode: every 8th gradient product is an exact float32 one
-# bfloat16 products X @ W^T get W padded to a multiple of this many rows: oneDNN's kernels for 8 output columns were
-# 4-6x slower than for 16 or 32 (Xeon with AMX); on an AVX512-BF16 EPYC 8 and 16 columns cost the same and 32 cost
-# 1.6x (SmolLM2 MLP layer probes 9% faster padded to 16 than to 32, the same objective values)
-_BF16_COLUMNS = 16
+_BF16_COLUMNS = 32  # bfloat16 products X @ W^T get W padded to a multiple of this many rows (4-6x faster below 16)
 
 _NON_FINITE = (
     "{name} contains NaN or infinite values: the features overflowed (typically hidden states extracted in "
