@@ -11,8 +11,9 @@ the rest of the writing), and after a reboot a pass resumes from the last rows o
 
 Several processes (`accelerate launch`, `torchrun`) can share one pass: `extract_features(..., accelerator=state)`
 gives each process every `num_processes`-th pending batch; each writes its rows straight into the shared memory-mapped
-arrays (rows are disjoint, so no locking) and records finished batches in a per-batch progress file, so an
-interrupted multi-process pass resumes too (with any number of processes). The merged cache is the one a single
+arrays (rows are disjoint, so no locking) and records finished batches in a per-batch progress file (by the same
+rule: in the page cache at each commit, on disk every few minutes), so an interrupted multi-process pass resumes too
+(with any number of processes). The merged cache is the one a single
 process writes, bit for bit on the same hardware (on CPU with the same number of threads per process: matrix kernels
 sum in an order that depends on it).
 """
