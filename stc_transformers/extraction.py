@@ -253,11 +253,11 @@ def _open_cache(path: Path, meta: dict) -> FeatureCache:
         stored = json.loads(meta_file.read_text())
         if stored.get("fingerprint") == meta["fingerprint"] and stored.get("version") == CACHE_VERSION:
             cache = FeatureCache(path, stored)
-            if not cache.complete and stored.get("boot_id") != boot_id():
+            if not cache.complete and cache.meta.get("boot_id") != boot_id():
                 # rebooted since: rows only in the page cache may be lost. Saved, so that every process of a
                 # multi-process pass resumes from the same batch.
-                stored["batches_done"] = stored.get("batches_durable", stored["batches_done"])
-                stored["boot_id"] = boot_id()
+                cache.meta["batches_done"] = cache.meta.get("batches_durable", cache.meta["batches_done"])
+                cache.meta["boot_id"] = boot_id()
                 _forget_page_cache_batches(path / PROGRESS_FILE)
                 cache.save_meta()
             return cache
@@ -279,7 +279,6 @@ def _forget_page_cache_batches(progress_file: Path) -> None:
         flags = np.load(progress_file, mmap_mode="r+")
         flags[flags == IN_PAGE_CACHE] = 0
         flags.flush()
-        del flags
 
 
 def extract_features(
@@ -394,7 +393,7 @@ def extract_features(
             bar.update(1)
             if number + 1 == len(batches) or _commit_due(number + 1, started, commit_every):
                 now = time.perf_counter()
-                durable = number + 1 == len(batches) or now - last_durable >= DURABLE_SECONDS
+                durable = _durable_due(number + 1 == len(batches), last_durable, now)
                 _commit(cache, arrays, number + 1, now - started, durable)
                 started = now
                 if durable:
@@ -409,14 +408,20 @@ def _commit_due(batches_done: int, last_commit: float, commit_every: int | None)
     return time.perf_counter() - last_commit >= COMMIT_SECONDS
 
 
+def _durable_due(last: bool, last_durable: float, now: float) -> bool:
+    """Whether a commit forces its rows to disk: the last one of a pass (or of a process's share), one
+    `DURABLE_SECONDS` after the previous durable one, and every one where the boot cannot be told (not Linux)."""
+    return last or now - last_durable >= DURABLE_SECONDS or boot_id() is None
+
+
 def _commit(cache: FeatureCache, arrays: dict, batches_done: int, seconds: float, durable: bool):
     """Record progress: the rows of the first `batches_done` batches are in the arrays. A crash before this point
     redoes the batches.
 
     The rows are in the kernel's page cache, which a crash of the process does not lose; a reboot may, so a commit
     records the boot it happened in, and a pass resumed after another boot starts after the last durable commit,
-    whose rows were written to disk first. Where the boot cannot be told (not Linux), every commit is durable."""
-    if durable or boot_id() is None:
+    whose rows were written to disk first (`durable`, see `_durable_due`)."""
+    if durable:
         for array in arrays.values():
             _write_to_disk(array)
         cache.meta["batches_durable"] = batches_done
@@ -537,7 +542,7 @@ def _extract_shard(state, cache: FeatureCache, arrays: dict, write_batch, *, com
             last = step + 1 == len(mine)
             if last or _commit_due(step + 1, last_commit, commit_every):
                 now = time.perf_counter()
-                if last or now - last_durable >= DURABLE_SECONDS or boot_id() is None:  # as `_commit`
+                if _durable_due(last, last_durable, now):
                     for array in arrays.values():
                         _write_to_disk(array)
                     flags[cached + finished] = ON_DISK  # only after the rows are on disk

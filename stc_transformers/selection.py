@@ -576,8 +576,8 @@ class SelectionSearch:
         range:
         each set is fitted on a slice of one matrix (all strengths at once). A set with more columns than sample
         rows `_ROW_SPACE_WIDTH` times is fitted in its row space (`RowSpace`, same objective); the Gram matrices of
-        growing prefixes are updated, not recomputed. Fits and scores are kept: a set fitted before (the all-layer set of the depth
-        stage) is not fitted again, and the fits warm-start the refits on every training row. `block_grams` gives
+        growing prefixes are updated, not recomputed. Fits and scores are kept: a set fitted before (the all-layer
+        set of the depth stage) is not fitted again, and the fits warm-start the refits on every training row. `block_grams` gives
         the Gram matrices of the set of all columns (stage 2).
         """
         X, X_val = self._sample_columns(groups)

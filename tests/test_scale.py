@@ -314,9 +314,8 @@ def test_sharded_extraction_resumes_after_a_crash(tmp_path, monkeypatch, reboote
     assert isinstance(errors[1], KeyboardInterrupt)
     (folder,) = (tmp_path / "run").iterdir()
     flags = np.load(folder / PROGRESS_FILE)
-    # 12 batches: rank 0 did all of 0, 2, ..., 10 (on disk at its end); rank 1 committed 1 and 3 to the page cache
-    # (5 was computed, not committed)
-    # where the boot cannot be told, every commit syncs
+    # 12 batches: rank 0 did all of 0, 2, ..., 10 (on disk at its end); rank 1 committed 1 and 3 to the page cache,
+    # or to disk where commits are durable (5 was computed, not committed)
     in_page_cache = durable_seconds > 0 and extraction.boot_id() is not None
     committed = IN_PAGE_CACHE if in_page_cache else ON_DISK
     assert (flags[::2] == ON_DISK).all() and flags[1] == flags[3] == committed and not flags[5::2].any()
@@ -502,4 +501,3 @@ def test_processes_resume_a_pass_interrupted_before_a_reboot_from_its_last_durab
         assert cache.complete
         for block in reference.blocks:
             np.testing.assert_array_equal(cache.array(*block), reference.array(*block))
-
